@@ -1,0 +1,302 @@
+"""Process and device layer: who am I, which device, and megatron-core's parallel state.
+
+One code path serves torchrun and Slurm's srun. With a GPU it is NCCL + CUDA. Without one it is
+gloo + CPU, and `cpu_shims()` serves the few CUDA-only requests megatron-core makes, so that its
+real DDP, distributed optimizer and pipeline schedules run unmodified on a laptop or CI runner:
+
+1. `torch.cuda.current_device()` and friends -> answered for the CPU (device index 0, no-op
+   synchronize/set_device, a dummy stream), see `_patch_torch_cuda`.
+2. The CUDA RNG tracker -> `model_parallel_cuda_manual_seed(..., inference_rng_tracker=True)`,
+   whose tracker never touches CUDA RNG state (see `initialize`).
+3. Hard-coded `device="cuda"` / `.cuda()` in the pipeline schedules and DDP buffers -> the
+   `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu.
+4. The optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks -> `Tensor.type()` with no
+   argument reports a CPU float tensor under its CUDA type name.
+
+None of this is installed when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work with this world size or model."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse Slurm node list {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_dist_env(environ=None) -> DistEnv:
+    """Rank, world size and rendezvous address from torchrun's or Slurm's variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        job_id = int(env.get("SLURM_JOB_ID", 0))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            # Derived from the job id so that two jobs sharing a node do not collide.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "single")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
+    cp: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+
+def check_layout(
+    layout: ParallelLayout,
+    world_size: int,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+    num_layers: int | None = None,
+) -> None:
+    """Raise LayoutError for a layout that megatron-core would reject later, or crash on."""
+    for name in ("tp", "pp", "cp"):
+        if getattr(layout, name) < 1:
+            raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(layout, name)}")
+    if world_size % layout.model_parallel:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tp*pp*cp = "
+            f"{layout.tp}*{layout.pp}*{layout.cp} = {layout.model_parallel}"
+        )
+    if layout.sequence_parallel and layout.tp == 1:
+        raise LayoutError("parallel.sequence_parallel needs parallel.tp > 1")
+    if layout.vpp is not None:
+        if layout.pp < 2:
+            raise LayoutError("parallel.vpp (interleaved pipeline) needs parallel.pp >= 2")
+        if layout.vpp < 1:
+            raise LayoutError(f"parallel.vpp must be >= 1, got {layout.vpp}")
+    if num_attention_heads is not None:
+        if layout.tp > num_attention_heads:
+            raise LayoutError(f"parallel.tp={layout.tp} is larger than model.num_attention_heads={num_attention_heads}")
+        if num_attention_heads % layout.tp:
+            raise LayoutError(f"model.num_attention_heads={num_attention_heads} is not divisible by parallel.tp={layout.tp}")
+    if num_query_groups is not None and num_query_groups % layout.tp:
+        raise LayoutError(f"model.num_query_groups={num_query_groups} is not divisible by parallel.tp={layout.tp}")
+    if num_layers is not None:
+        stages = layout.pp * (layout.vpp or 1)
+        if num_layers % stages:
+            raise LayoutError(
+                f"model.num_layers={num_layers} is not divisible by parallel.pp*vpp = {stages}"
+            )
+
+
+# ---------------------------------------------------------------------------- CPU shims
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal; bools are ints too but never devices.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites cuda device arguments to cpu and makes `.cuda()` a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_CPU_TO_CUDA_TYPE = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _DummyStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_CPU_SHIMS_INSTALLED = False
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.device_count = lambda: 0
+    cuda.current_stream = lambda device=None: _DummyStream()
+    cuda.default_stream = lambda device=None: _DummyStream()
+    cuda.Stream = _DummyStream
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+
+    original_type = torch.Tensor.type
+
+    def type_as_if_on_cuda(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            return _CPU_TO_CUDA_TYPE.get(name, name)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_as_if_on_cuda
+
+
+def cpu_shims() -> None:
+    """Let megatron-core's CUDA-only paths run on the CPU. No-op when CUDA is available."""
+    global _CPU_SHIMS_INSTALLED
+    if torch.cuda.is_available() or _CPU_SHIMS_INSTALLED:
+        return
+    _patch_torch_cuda()
+    _CudaToCpu().__enter__()  # for the life of the process
+    _CPU_SHIMS_INSTALLED = True
+
+
+def cpu_shims_active() -> bool:
+    return _CPU_SHIMS_INSTALLED
+
+
+# ---------------------------------------------------------------------------- initialisation
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(
+    layout: ParallelLayout = ParallelLayout(),
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    dist_env: DistEnv | None = None,
+) -> DistEnv:
+    """Start torch.distributed and megatron-core's parallel state; seed every RNG.
+
+    Seeding follows megatron: the default RNG gets `seed + 100 * pp_rank`, the tensor-parallel
+    tracker `seed + 2718 + tp_rank`.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    env = dist_env or read_dist_env()
+    check_layout(layout, env.world_size)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        cpu_shims()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    import random
+
+    import numpy as np
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(
+        stage_seed, inference_rng_tracker=not torch.cuda.is_available(), force_reset_rng=True
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
