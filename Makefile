@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU wheel that lies on these machines' disk; clusters use the container's build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torch, megatron.core, periln_megatron" 
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m periln_megatron.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	@if [ -x tools/ensure_slurm.sh ]; then tools/ensure_slurm.sh; fi
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
