@@ -1,0 +1,234 @@
+# shellcheck shell=bash
+# Shared body of every slurm/*.sbatch template. A template sets its #SBATCH lines and a default
+# RECIPE, then sources this file and calls `periln_main`. Nothing here needs editing for a run:
+# every knob is an environment variable, read at submit time (sbatch exports the caller's
+# environment to the job by default). See slurm/README.md.
+#
+# User overrides (environment):
+#   RECIPE           recipe YAML, relative to the repo or absolute (template default)
+#   DATA_PREFIXES    Megatron data prefixes, whitespace- or comma-separated, optional weights:
+#                    "/d/a_text_document /d/b_text_document" or "0.3 /d/a 0.7 /d/b".
+#                    Empty: the recipe's own data section is used.
+#   CKPT_DIR         checkpoint directory on shared storage; resume is automatic from it
+#                    (default: $REPO/runs/<job name>/checkpoints)
+#   TRAIN_STEPS      total training steps (train.steps=N)
+#   EXTRA_SETS       extra recipe overrides, whitespace-separated key=value, each passed as --set
+#   EXTRA_ARGS       extra trainer arguments, e.g. "--exit-after-minutes 230"
+#   CONTAINER_IMAGE  run in this container through pyxis/enroot (image URI or .sqsh path)
+#   CONTAINER_MOUNTS extra pyxis mounts, comma-separated src:dst[:flags]
+#   VENV             venv or conda prefix to run from (default: $REPO/.venv if it exists,
+#                    otherwise whatever is on PATH)
+#   PERILN_TRAIN     trainer command (default: periln-train)
+#   SRUN_ARGS        extra srun arguments
+#   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
+#   REPO             repository root (default: the directory sbatch was run from)
+# Node count, account, partition and time limit are sbatch options, not variables:
+#   sbatch -A myacct -p gpu -N 8 -t 12:00:00 slurm/peri_3b.sbatch
+
+# Exit status contract with the trainer (periln_megatron/train.py).
+readonly PERILN_EXIT_DONE=0
+readonly PERILN_EXIT_REQUEUE=75   # EX_TEMPFAIL: checkpoint saved after a signal, requeue me
+
+periln_log() { printf '[periln-slurm %(%F %T)T] %s\n' -1 "$*"; }
+periln_die() {
+    printf '[periln-slurm %(%F %T)T] ERROR: %s\n' -1 "$*" >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------------------- environment
+# Every default below is overridable from the submitting shell.
+periln_env() {
+    # Megatron-core requires 1 when tensor/sequence parallel communication overlaps compute: the
+    # GPU then executes kernels in launch order, so the comm kernel is scheduled before the GEMM.
+    : "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+    # Let the NCCL process group free tensors of async collectives at wait() instead of holding
+    # them via recordStream: lower, more predictable memory with overlapped grad reduce/param gather.
+    : "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"
+    # Surface NCCL errors/timeouts as exceptions that tear the job down instead of hanging it.
+    : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+    # NCCL logging level: WARN keeps job logs readable; INFO to debug topology/IB problems.
+    : "${NCCL_DEBUG:=WARN}"
+    # InfiniBand verbs timeout exponent (4.096us * 2^N). 22 (~17 s) rides out transient fabric
+    # congestion on large jobs instead of failing the collective.
+    : "${NCCL_IB_TIMEOUT:=22}"
+    # IB retry count before an error is reported (NCCL's maximum).
+    : "${NCCL_IB_RETRY_CNT:=7}"
+    # Use GPUDirect RDMA between the NIC and GPU memory when they share a PCIe switch (H100 HGX).
+    : "${NCCL_NET_GDR_LEVEL:=PHB}"
+    # Optional, cluster specific, exported only when set: the IB HCAs NCCL may use
+    # (e.g. "mlx5_0,mlx5_1,..."), the socket interface for bootstrap/out-of-band traffic (e.g.
+    # "ib0" or "^docker,lo"), and the IB service level / traffic class of the fabric's QoS setup.
+    : "${NCCL_IB_HCA:=}" "${NCCL_SOCKET_IFNAME:=}" "${NCCL_IB_SL:=}" "${NCCL_IB_TC:=}"
+    # CPU threads per rank for intra-op parallelism (data loading, CPU ops); 8 ranks share a node.
+    : "${OMP_NUM_THREADS:=${SLURM_CPUS_PER_TASK:-4}}"
+    # Print log lines as they happen, not when a buffer fills, so the job log follows training.
+    : "${PYTHONUNBUFFERED:=1}"
+    # Rendezvous host: the job's first node. The port defaults (in the trainer) to
+    # 20000 + job id % 20000, so jobs sharing a node do not collide; set MASTER_PORT to pin it.
+    if [ -z "${MASTER_ADDR:-}" ]; then
+        MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1)
+        : "${MASTER_ADDR:=${SLURMD_NODENAME:-127.0.0.1}}"
+    fi
+    export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS TORCH_NCCL_ASYNC_ERROR_HANDLING \
+        NCCL_DEBUG NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_NET_GDR_LEVEL OMP_NUM_THREADS \
+        PYTHONUNBUFFERED MASTER_ADDR
+    local var
+    for var in NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_SL NCCL_IB_TC; do
+        if [ -n "${!var}" ]; then export "${var?}"; else unset "$var"; fi
+    done
+}
+
+# ---------------------------------------------------------------------------- checks
+# Fill PERILN_CMD (the trainer command line) and PERILN_MOUNTS, failing fast on bad input.
+periln_prepare() {
+    : "${REPO:=${SLURM_SUBMIT_DIR:-$PWD}}"
+    [ -f "$REPO/slurm/common.sh" ] || periln_die "REPO=$REPO is not the periln-megatron checkout; submit from the repo root or set REPO"
+    cd "$REPO" || periln_die "cannot cd to REPO=$REPO"
+
+    : "${RECIPE:?template must set RECIPE}"
+    local recipe="$RECIPE"
+    [ "${recipe#/}" = "$recipe" ] && recipe="$REPO/$recipe"
+    [ -f "$recipe" ] || periln_die "recipe file not found: $RECIPE (looked at $recipe)"
+    [ -r "$recipe" ] || periln_die "recipe file not readable: $recipe"
+
+    : "${CKPT_DIR:=$REPO/runs/${SLURM_JOB_NAME:-periln}/checkpoints}"
+    mkdir -p "$CKPT_DIR" 2>/dev/null || periln_die "cannot create checkpoint directory CKPT_DIR=$CKPT_DIR"
+    [ -w "$CKPT_DIR" ] || periln_die "checkpoint directory not writable: CKPT_DIR=$CKPT_DIR"
+    CKPT_DIR=$(cd "$CKPT_DIR" && pwd)
+
+    PERILN_MOUNTS=("$REPO" "$CKPT_DIR")
+    local -a sets=("checkpoint.dir=$CKPT_DIR")
+    if [ -n "${DATA_PREFIXES:-}" ]; then
+        local -a items
+        local item flow="" missing="" n_paths=0
+        read -r -a items <<<"${DATA_PREFIXES//,/ }"
+        for item in "${items[@]}"; do
+            if [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
+                flow+="${flow:+,}$item"       # a blend weight
+                continue
+            fi
+            [ "${item#/}" = "$item" ] && item="$REPO/$item"
+            [ -f "$item.bin" ] || missing+=" $item.bin"
+            [ -f "$item.idx" ] || missing+=" $item.idx"
+            flow+="${flow:+,}$item"
+            PERILN_MOUNTS+=("$(dirname "$item")")
+            n_paths=$((n_paths + 1))
+        done
+        [ -z "$missing" ] || periln_die "data prefix files not found:$missing (DATA_PREFIXES=$DATA_PREFIXES)"
+        [ "$n_paths" -gt 0 ] || periln_die "DATA_PREFIXES has weights but no paths: $DATA_PREFIXES"
+        sets+=("data.prefixes=[$flow]")
+    fi
+    if [ -n "${TRAIN_STEPS:-}" ]; then
+        [[ $TRAIN_STEPS =~ ^[0-9]+$ ]] || periln_die "TRAIN_STEPS must be a positive integer, got: $TRAIN_STEPS"
+        sets+=("train.steps=$TRAIN_STEPS")
+    fi
+    local -a extra_sets extra_args
+    read -r -a extra_sets <<<"${EXTRA_SETS:-}"
+    for item in "${extra_sets[@]}"; do
+        [[ $item == ?*=* ]] || periln_die "EXTRA_SETS entries must be key=value, got: $item"
+        sets+=("$item")
+    done
+    read -r -a extra_args <<<"${EXTRA_ARGS:-}"
+
+    # One task per GPU: srun inherits the allocation's --ntasks-per-node. A rank's exit 75 is not
+    # an error to tear the others down for (they are saving too), hence --kill-on-bad-exit=0.
+    PERILN_SRUN=(srun --kill-on-bad-exit=0)
+    local -a launcher
+    if [ -n "${CONTAINER_IMAGE:-}" ]; then
+        srun --help 2>&1 | grep -q -- '--container-image' ||
+            periln_die "CONTAINER_IMAGE is set but this srun has no --container-image (pyxis plugin not installed)"
+        local mounts="" m
+        local -a unique
+        mapfile -t unique < <(printf '%s\n' "${PERILN_MOUNTS[@]}" | sort -u)
+        for m in "${unique[@]}"; do
+            mounts+="${mounts:+,}$m:$m"
+        done
+        [ -n "${CONTAINER_MOUNTS:-}" ] && mounts+=",$CONTAINER_MOUNTS"
+        PERILN_SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
+                      --container-workdir="$REPO" --no-container-mount-home)
+        read -r -a launcher <<<"${PERILN_TRAIN:-periln-train}"
+    else
+        if [ -z "${VENV:-}" ] && [ -d "$REPO/.venv" ]; then VENV="$REPO/.venv"; fi
+        if [ -n "${VENV:-}" ]; then
+            [ -d "$VENV/bin" ] || periln_die "VENV=$VENV has no bin/ directory"
+            PATH="$VENV/bin:$PATH"
+            export VIRTUAL_ENV="$VENV" PATH
+        fi
+        read -r -a launcher <<<"${PERILN_TRAIN:-periln-train}"
+        command -v "${launcher[0]}" >/dev/null 2>&1 ||
+            periln_die "trainer '${launcher[0]}' not found (VENV=${VENV:-unset}); pip install -e . into a venv, set VENV, or set CONTAINER_IMAGE"
+    fi
+    local -a srun_args
+    read -r -a srun_args <<<"${SRUN_ARGS:-}"
+    PERILN_SRUN+=("${srun_args[@]}")
+
+    PERILN_CMD=("${launcher[@]}" --recipe "$recipe")
+    for item in "${sets[@]}"; do PERILN_CMD+=(--set "$item"); done
+    PERILN_CMD+=("${extra_args[@]}")
+}
+
+# ---------------------------------------------------------------------------- signals
+# The batch shell alone receives `--signal=B:USR1@N` (and `scancel --signal=USR1 --batch`): pass it
+# to the srun step, whose tasks save a checkpoint at the next step boundary and exit 75.
+# SIGTERM (scancel, preemption) already reaches every task from Slurm itself; just remember it,
+# so that a cancelled job is not requeued.
+PERILN_SRUN_PID=""
+PERILN_SIGNALLED=0
+PERILN_GOT_TERM=0
+periln_on_usr1() {
+    PERILN_SIGNALLED=1
+    periln_log "SIGUSR1 received (time limit near or preemption notice): asking ranks to save and stop"
+    [ -n "$PERILN_SRUN_PID" ] && kill -s USR1 "$PERILN_SRUN_PID" 2>/dev/null
+}
+periln_on_term() {
+    PERILN_SIGNALLED=1
+    PERILN_GOT_TERM=1
+    periln_log "SIGTERM received (scancel or preemption): ranks save and stop; this job will not requeue itself"
+}
+
+# ---------------------------------------------------------------------------- main
+periln_main() {
+    periln_prepare
+    periln_env
+    periln_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_RESTART_COUNT:-0}:" \
+        "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}], ${SLURM_NTASKS:-?} task(s), master $MASTER_ADDR"
+    periln_log "recipe $RECIPE, checkpoints $CKPT_DIR${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
+    periln_log "launch: ${PERILN_SRUN[*]} ${PERILN_CMD[*]}"
+
+    trap periln_on_usr1 USR1
+    trap periln_on_term TERM
+    "${PERILN_SRUN[@]}" "${PERILN_CMD[@]}" &
+    PERILN_SRUN_PID=$!
+    local rc
+    while :; do
+        PERILN_SIGNALLED=0
+        wait "$PERILN_SRUN_PID"
+        rc=$?
+        # wait returns early (status > 128) when a trapped signal arrives; srun is still running.
+        [ "$PERILN_SIGNALLED" -eq 1 ] && kill -0 "$PERILN_SRUN_PID" 2>/dev/null && continue
+        [ "$PERILN_SIGNALLED" -eq 1 ] && [ "$rc" -gt 128 ] && { wait "$PERILN_SRUN_PID"; rc=$?; }
+        break
+    done
+    trap - USR1 TERM
+
+    case "$rc" in
+        "$PERILN_EXIT_DONE")
+            periln_log "training finished (exit 0)"
+            exit 0 ;;
+        "$PERILN_EXIT_REQUEUE")
+            if [ "$PERILN_GOT_TERM" -eq 1 ]; then
+                periln_log "checkpoint saved after SIGTERM; not requeueing (Slurm requeues preempted jobs itself)"
+                exit 0
+            fi
+            local restarts=${SLURM_RESTART_COUNT:-0}
+            if [ "$restarts" -ge "${MAX_REQUEUES:-100}" ]; then
+                periln_die "checkpoint saved, but restart $restarts reached MAX_REQUEUES=${MAX_REQUEUES:-100}; not requeueing"
+            fi
+            periln_log "checkpoint saved (exit 75); requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+            scontrol requeue "$SLURM_JOB_ID" || periln_die "scontrol requeue $SLURM_JOB_ID failed (does the cluster allow requeue? see #SBATCH --requeue)"
+            exit 0 ;;
+        *)
+            periln_log "training failed: srun exit status $rc"
+            exit "$rc" ;;
+    esac
+}

@@ -1,0 +1,220 @@
+"""The Slurm templates, submitted with real sbatch to a one-node Slurm cluster on 127.0.0.1.
+
+Templates run unchanged: overrides are environment variables, plus sbatch command-line options
+that stand in for this GPU-less 2-core machine (1 node, 2 tasks, no GPUs, log into tmp).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import REPO, TERMINAL, slurm  # noqa: F401  (pytest fixture)
+
+TEMPLATE = "slurm/peri_3b.sbatch"
+TINY = "recipes/tiny/peri_ln.yaml"
+TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
+STEP = re.compile(r"^step (\d+)/(\d+) \|", re.M)
+
+
+def submit(cluster, tmp: Path, env: dict, name: str, template: str = TEMPLATE, options=()) -> tuple[str, Path]:
+    """sbatch the template from the repo root; returns (job id, log path)."""
+    log = tmp / f"{name}.out"
+    env = {"OMP_NUM_THREADS": "1", "CKPT_DIR": str(tmp / "ckpt"), **env}
+    opts = ["-N1", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}", f"--job-name={name}",
+            *options]
+    return cluster.sbatch([template], env=env, options=opts), log
+
+
+def read(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+def steps(text: str) -> list[int]:
+    return [int(m.group(1)) for m in STEP.finditer(text)]
+
+
+def wait_for_log(cluster, job: str, log: Path, pattern: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = read(log)
+        if re.search(pattern, text, re.M):
+            return text
+        info = cluster.job(job)
+        if info and info.state in {"FAILED", "CANCELLED", "COMPLETED", "TIMEOUT"}:
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"{pattern!r} not in the log of job {job} ({cluster.job(job)}):\n{read(log)[-5000:]}")
+
+
+def wait_through_requeue(cluster, job: str, timeout: float):
+    """Wait until the job has been requeued and finished again. Slurm holds a requeued job for a
+    BeginTime a little in the future (to let the nodes clean up); on this idle test cluster start it now."""
+    deadline = time.monotonic() + timeout
+    info = None
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info and info.restarts >= 1 and info.state in TERMINAL:
+            return info
+        if info and info.restarts >= 1 and info.state == "PENDING":
+            cluster.release_begin_time(job)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not finish after a requeue: {info.fields if info else None}")
+
+
+def must(info, log: Path, state="COMPLETED", exit_code="0:0"):
+    assert (info.state, info.exit_code) == (state, exit_code), f"{info.fields}\n--- job log\n{read(log)[-6000:]}"
+
+
+# ----------------------------------------------------------------------------- static checks
+
+@pytest.mark.parametrize("path", [*TEMPLATES, REPO / "slurm/common.sh", REPO / "tools/ensure_slurm.sh"],
+                         ids=lambda p: p.name)
+def test_shellcheck(path):
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck not installed (tools/ensure_slurm.sh installs it as root)")
+    r = subprocess.run(["shellcheck", "-x", "-S", "style", str(path.relative_to(REPO))], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_templates_share_common_body():
+    expected = {"peri_3b", "peri_1.5b", "peri_400m", "pre_3b", "pre_1.5b", "pre_400m"}
+    assert expected <= {p.stem for p in TEMPLATES}
+    for path in TEMPLATES:
+        text = path.read_text()
+        header = re.findall(r"^#SBATCH (\S+)", text, re.M)
+        for opt in ("--exclusive", "--requeue", "--open-mode=append", "--output=logs/%x-%j.out",
+                    "--ntasks-per-node=8", "--gpus-per-node=8"):
+            assert opt in header, (path.name, opt)
+        assert any(o.startswith("--signal=B:USR1@") for o in header), path.name
+        recipe = re.search(r'^: "\$\{RECIPE:=(\S+)\}"$', text, re.M)
+        assert recipe, path.name
+        assert "periln_main" in text and "slurm/common.sh" in text
+        # Nothing but the header, the default recipe and the call into common.sh.
+        body = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        assert len(body) <= 4, (path.name, body)
+    nodes = {p.stem: int(re.search(r"^#SBATCH --nodes=(\d+)", p.read_text(), re.M).group(1)) for p in TEMPLATES}
+    assert nodes["peri_400m"] == 1 and nodes["peri_1.5b"] == 2 and nodes["peri_3b"] == 4
+    common = (REPO / "slurm/common.sh").read_text()
+    for var in ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_AVOID_RECORD_STREAMS", "NCCL_IB_TIMEOUT"):
+        assert re.search(rf'^\s*#.*\n\s*: "\$\{{{var}:=', common, re.M), f"{var} needs a comment and := default"
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+def test_cluster_runs_two_tasks(slurm, tmp_path):
+    script = tmp_path / "hello.sbatch"
+    script.write_text("#!/bin/bash\nsrun bash -c 'echo rank $SLURM_PROCID/$SLURM_NTASKS'\n")
+    log = tmp_path / "hello.out"
+    job = slurm.sbatch([str(script)], options=["-N1", "--ntasks-per-node=2", f"--output={log}"])
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log)
+    assert sorted(read(log).split("\n")[:2]) == ["rank 0/2", "rank 1/2"]
+
+
+# ----------------------------------------------------------------------------- fail fast
+
+def test_missing_recipe_fails_before_launch(slurm, tmp_path):
+    job, log = submit(slurm, tmp_path, {"RECIPE": "recipes/no_such_recipe.yaml"}, "bad-recipe")
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log, "FAILED", "2:0")
+    text = read(log)
+    assert "recipe file not found: recipes/no_such_recipe.yaml" in text
+    assert "launch:" not in text and not steps(text)
+
+
+def test_missing_data_prefix_fails_before_launch(slurm, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a_text_document.bin").write_bytes(b"")
+    (data / "a_text_document.idx").write_bytes(b"")
+    (data / "b_text_document.bin").write_bytes(b"")  # no .idx
+    env = {"RECIPE": TINY, "DATA_PREFIXES": f"0.3 {data}/a_text_document 0.7 {data}/b_text_document"}
+    job, log = submit(slurm, tmp_path, env, "bad-data")
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log, "FAILED", "2:0")
+    text = read(log)
+    assert f"data prefix files not found: {data}/b_text_document.idx" in text
+    assert "a_text_document" not in text.split("not found:")[1].split("(DATA_PREFIXES")[0]
+    assert "launch:" not in text and not steps(text)
+
+
+def test_overrides_reach_the_trainer_command(slurm, tmp_path):
+    """Environment overrides become the trainer's arguments (launcher stubbed with `echo`)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("a_text_document", "b_text_document"):
+        for ext in (".bin", ".idx"):
+            (data / (stem + ext)).write_bytes(b"")
+    env = {"RECIPE": TINY, "PERILN_TRAIN": "echo ARGS", "TRAIN_STEPS": "7",
+           "DATA_PREFIXES": f"0.3,{data}/a_text_document,0.7,{data}/b_text_document",
+           "EXTRA_SETS": "optim.lr=1e-3 train.seed=7", "EXTRA_ARGS": "--exit-after-minutes 5",
+           "NCCL_DEBUG": "INFO"}
+    job, log = submit(slurm, tmp_path, env, "args")
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log)
+    lines = [ln for ln in read(log).splitlines() if ln.startswith("ARGS ")]
+    assert len(lines) == 2, read(log)  # one task per "GPU"
+    assert lines[0] == (
+        f"ARGS --recipe {REPO}/{TINY} --set checkpoint.dir={tmp_path}/ckpt "
+        f"--set data.prefixes=[0.3,{data}/a_text_document,0.7,{data}/b_text_document] --set train.steps=7 "
+        "--set optim.lr=1e-3 --set train.seed=7 --exit-after-minutes 5")
+    assert "training finished (exit 0)" in read(log)
+
+
+def test_bad_set_key_fails_before_training(slurm, tmp_path):
+    env = {"RECIPE": TINY, "EXTRA_SETS": "train.no_such_key=3"}
+    job, log = submit(slurm, tmp_path, env, "bad-key")
+    info = slurm.wait_job(job, timeout=120)
+    text = read(log)
+    assert info.state == "FAILED", f"{info.fields}\n{text[-4000:]}"
+    assert "no_such_key" in text and "training failed" in text
+    assert not steps(text)
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_trains_to_completion(slurm, tmp_path):
+    env = {"RECIPE": TINY, "TRAIN_STEPS": "6", "EXTRA_SETS": "checkpoint.interval=3"}
+    job, log = submit(slurm, tmp_path, env, "complete")
+    info = slurm.wait_job(job, timeout=150)
+    must(info, log)
+    text = read(log)
+    assert steps(text) == list(range(1, 7)), text[-4000:]
+    assert "step 6/6 |" in text
+    assert re.search(r"saved checkpoint iteration 6 to ", text), text[-4000:]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert (ckpt / "iter_0000006").is_dir()
+    assert "training finished (exit 0)" in text and info.restarts == 0
+
+
+def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
+    total = 30
+    env = {"RECIPE": TINY, "TRAIN_STEPS": str(total), "EXTRA_SETS": "checkpoint.interval=1000"}
+    job, log = submit(slurm, tmp_path, env, "preempt")
+    wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
+    # What Slurm does near the time limit (#SBATCH --signal=B:USR1@300): USR1 to the batch shell only.
+    slurm._run(["scancel", "--signal=USR1", "--batch", job])
+    wait_for_log(slurm, job, log, r"requeueing job", timeout=90)
+    info = wait_through_requeue(slurm, job, timeout=180)
+    must(info, log)
+    text = read(log)
+    assert info.restarts == 1, info.fields
+    first, _, second = text.partition("requeueing job")
+    saved = re.findall(r"saved checkpoint iteration (\d+) to ", first)
+    assert len(saved) == 1, first[-4000:]
+    stop = int(saved[0])
+    assert 3 <= stop < total, first[-4000:]
+    assert steps(first) == list(range(1, stop + 1)), first[-4000:]
+    assert "SIGUSR1 received" in first
+    assert re.search(rf"resumed from iteration {stop} \(", second), second[-4000:]
+    assert steps(second) == list(range(stop + 1, total + 1)), second[-4000:]
+    assert "restart 1:" in second and "training finished (exit 0)" in second
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(total)
