@@ -1,0 +1,174 @@
+"""Checkpoints with megatron-core's dist_checkpointing (torch_dist), in Megatron-LM's layout.
+
+    <dir>/iter_0000010/                 one checkpoint (model, optimizer, scheduler, RNG, position)
+    <dir>/iter_0000010/recipe.yaml      the resolved recipe that wrote it
+    <dir>/latest_checkpointed_iteration.txt
+
+The marker file is replaced atomically, and only after every rank has finished writing, so a
+crash in the middle of a save leaves the previous checkpoint as the one resume uses. Tensors are
+saved in a layout-independent form (the distributed optimizer's `fully_reshardable` format), so a
+checkpoint loads under any TP/PP.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "latest_checkpointed_iteration.txt"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike | None) -> int | None:
+    """The newest complete checkpoint's iteration, from the marker file, or None."""
+    if not root:
+        return None
+    marker = Path(root) / MARKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not iteration_dir(root, iteration).is_dir():
+        raise FileNotFoundError(f"{marker} names iteration {iteration}, but {iteration_dir(root, iteration)} is missing")
+    return iteration
+
+
+def _model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    layout = _layout()
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        replica_id=0,
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return state
+
+
+def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, async_queue=None) -> Path:
+    """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    target = iteration_dir(root, iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        if target.exists():  # a partial write from a crashed save of the same iteration
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    torch.distributed.barrier()
+
+    state = _sharded_state(chunks, optimizer, is_loading=False)
+    state["rng_state"] = _rng_object()
+    state["iteration"] = iteration
+    state["scheduler"] = scheduler.state_dict()
+    state["layout"] = _layout()
+
+    def finalize():
+        torch.distributed.barrier()
+        if rank == 0:
+            (target / "recipe.yaml").write_text(recipe_yaml)
+            _publish(root, iteration)
+        torch.distributed.barrier()
+
+    if async_queue is not None:
+        request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+    else:
+        dist_checkpointing.save(state, str(target))
+        finalize()
+    return target
+
+
+def _publish(root: Path, iteration: int) -> None:
+    tmp = root / (MARKER + ".tmp")
+    tmp.write_text(f"{iteration}\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MARKER)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (rank 0 only); never the one the marker names."""
+    latest = latest_iteration(root)
+    if latest is None:
+        return
+    complete = sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) <= latest)
+    for old in complete[:-keep]:
+        shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+
+
+def load(directory: Path, chunks, optimizer, scheduler) -> int:
+    """Load a checkpoint directory into the model (and optimizer/scheduler if given); return its iteration."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    state = _sharded_state(chunks, optimizer, is_loading=True)
+    same_layout = common.get("layout") == _layout()
+    if same_layout and optimizer is not None:
+        state["rng_state"] = _rng_object()
+    loaded = dist_checkpointing.load(state, str(directory))
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return int(common.get("iteration", 0))
+
+
+def load_weights_only(directory: Path, chunks) -> None:
+    """Initial weights for a new run (e.g. converted from Hugging Face): model tensors only."""
+    load(directory, chunks, optimizer=None, scheduler=None)

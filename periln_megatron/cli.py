@@ -1,0 +1,88 @@
+"""Console scripts: `periln-train` and `periln-params`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from periln_megatron.config import RecipeError, load_recipe
+
+EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1 or --exit-after-minutes (requeue);
+3 loss or grad norm became NaN/Inf; 2 invalid recipe or arguments."""
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="periln-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a Peri-LN (or baseline) GPT with megatron-core. Launch one process per device with "
+                    "torchrun or srun; resumes automatically from checkpoint.dir.")
+    parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/peri_ln/400m.yaml")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override recipe keys, e.g. --set model.num_layers=4 parallel.tp=2 (values are YAML)")
+    parser.add_argument("--exit-after-minutes", type=float, default=None,
+                        help="save a checkpoint and exit 75 after this many minutes")
+    args = parser.parse_args(argv)
+
+    from periln_megatron.runtime import read_dist_env
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, world_size=read_dist_env().world_size)
+        from periln_megatron.data import resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(recipe)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    from periln_megatron import runtime
+    from periln_megatron.train import EXIT_NONFINITE, NonFiniteError, train
+
+    try:
+        return train(recipe, tokenizer, exit_after_minutes=args.exit_after_minutes)
+    except NonFiniteError as e:
+        print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    finally:
+        runtime.shutdown()
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def params_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="periln-params", description="Parameter counts of recipes (total, non-embedding), and the check "
+        "that a recipe's `nominal_size` is within 10%% of its total. Exits 1 if one is not.")
+    parser.add_argument("recipes", nargs="+", help="recipe YAML files")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", action="store_true", help="one JSON object per recipe")
+    args = parser.parse_args(argv)
+
+    from periln_megatron.param_count import count_parameters
+
+    status = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path, args.overrides, check_files=False)
+        except RecipeError as e:
+            print(f"periln-params: error: {e}", file=sys.stderr)
+            status = 2
+            continue
+        counts = count_parameters(recipe)
+        counts["recipe"] = path
+        if recipe.nominal_size:
+            counts["nominal"] = recipe.nominal_size
+            counts["deviation"] = counts["total"] / recipe.nominal_params() - 1
+            if abs(counts["deviation"]) > 0.10:
+                status = max(status, 1)
+        if args.json:
+            print(json.dumps(counts))
+        else:
+            line = (f"{path}: total {_human(counts['total'])} ({counts['total']:,}), non-embedding "
+                    f"{_human(counts['non_embedding'])} ({counts['non_embedding']:,}), vocab {counts['padded_vocab']:,}")
+            if "nominal" in counts:
+                line += f", nominal {counts['nominal']} ({counts['deviation']:+.1%})"
+            print(line)
+    return status

@@ -1,0 +1,409 @@
+"""The recipe schema: typed sections loaded from YAML, `--set` overrides, validation.
+
+A recipe may start with `base: other.yaml` (relative to itself); its keys are merged over the
+base's. Every error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention
+    ffn_hidden_size: int | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
+    placement: str = "peri"  # peri | pre | post | output
+    backend: str = "local"  # local | te
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    norm_epsilon: float = 1e-5
+    embedding_norm: bool = False
+    seq_length: int = 128
+    rotary_base: int = 10000
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    vocab_size: int | None = None  # None: the tokenizer's size, padded
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    preset: str = "fp32"  # fp32 | bf16 | fp16 | fp8
+    fp8_format: str = "hybrid"  # hybrid | e4m3
+    fp8_recipe: str = "tensorwise"  # delayed | tensorwise | mxfp8 | blockwise
+    fp8_bf16_first_last_layers: int = 0  # keep this many layers at each end in BF16
+    initial_loss_scale: float = 4294967296.0  # fp16 dynamic loss scaling
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # cosine | linear | constant | WSD
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seed: int = 1234
+    eval_interval: int = 0  # 0: no periodic validation
+    eval_iters: int = 2
+    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+
+
+@dataclass
+class DataConfig:
+    prefixes: list = field(default_factory=list)  # [prefix, ...] or [weight, prefix, weight, prefix, ...]
+    split: str = "98,2,0"
+    synthetic: bool = False  # random tokens; only when a recipe asks for it
+    cache_dir: str | None = None  # GPTDataset index cache; None: <run_dir>/data_cache
+
+
+@dataclass
+class TokenizerConfig:
+    type: str | None = None  # SentencePieceTokenizer | HuggingFaceTokenizer | TikTokenizer | None
+    model: str | None = None  # path to the .model / tokenizer dir / .tiktoken file
+    vocab_size: int | None = None  # the tokenizer's own size; read from the model when it is given
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: no checkpoints
+    interval: int = 0  # 0: only at the end and on preemption
+    keep: int = 2
+    async_save: bool = False  # GPU only
+    load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    run_dir: str | None = None  # None: checkpoint.dir, else runs/<name>
+    tensorboard: bool = True
+
+
+@dataclass
+class DiagnosticsConfig:
+    interval: int = 0  # 0: off
+    spike_window: int = 50
+    spike_factor: float = 3.0
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    nominal_size: str | None = None  # e.g. "400M", "3.2B": periln-params checks the total is within 10%
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    source: str = field(default="<recipe>", repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def nominal_params(self) -> float:
+        number, unit = self.nominal_size[:-1], self.nominal_size[-1].upper()
+        return float(number) * {"M": 1e6, "B": 1e9}[unit]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir or self.checkpoint.dir or f"runs/{self.name}")
+
+    def padded_vocab_size(self) -> int:
+        """Padded to lcm(make_vocab_size_divisible_by, tp), not their product as Megatron-LM does, so
+        the embedding's shape does not depend on the layout and checkpoints reshard across TP."""
+        size = self.model.vocab_size or self.tokenizer.vocab_size
+        multiple = math.lcm(self.model.make_vocab_size_divisible_by, self.parallel.tp)
+        return -(-size // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------- loading
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: `base` chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _type_ok(value, annotation) -> tuple[bool, object]:
+    """Check (and gently coerce: int -> float) a YAML value against a field annotation."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return True, None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True, float(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(value, origin), value
+
+
+def _build(cls, data: dict, source: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints or key == "source":
+            known = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "source")
+            raise RecipeError(f"{source}: unknown key `{dotted}` (known here: {known})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{source}: `{dotted}` must be a section (mapping), got {value!r}")
+            kwargs[key] = _build(hints[key], value, source, dotted + ".")
+            continue
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            expected = getattr(hints[key], "__name__", str(hints[key]))
+            raise RecipeError(f"{source}: `{dotted}` must be {expected}, got {value!r} ({type(value).__name__})")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['model.num_layers=4', 'parallel.tp=2'] -> nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value, e.g. model.num_layers=4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: `{part}` is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None,
+                check_environment: bool = True) -> Recipe:
+    path = Path(path)
+    data = _read_yaml(path)
+    source = str(path)
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+        source = f"{path} (with --set {' '.join(overrides)})"
+    recipe = _build(Recipe, data, source, "")
+    recipe.source = source
+    validate(recipe, world_size, check_environment)
+    return recipe
+
+
+# ------------------------------------------------------------------------------ validation
+
+CHOICES = {
+    "model.placement": ("peri", "pre", "post", "output"),
+    "model.backend": ("local", "te"),
+    "model.normalization": ("RMSNorm", "LayerNorm"),
+    "model.recompute": ("none", "selective", "full"),
+    "precision.preset": ("fp32", "bf16", "fp16", "fp8"),
+    "precision.fp8_format": ("hybrid", "e4m3"),
+    "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
+    "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
+}
+
+POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+            "train.steps", "train.global_batch_size", "train.micro_batch_size", "logging.interval",
+            "parallel.tp", "parallel.pp", "parallel.cp")
+
+
+def _get(recipe: Recipe, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def validate(recipe: Recipe, world_size: int | None = None, check_environment: bool = True) -> None:
+    """Everything that can be checked before a process group or a model exists."""
+    from periln_megatron.runtime import LayoutError, ParallelLayout, check_layout
+
+    def fail(key, msg):
+        raise RecipeError(f"{recipe.source}: `{key}` {msg}")
+
+    for key, allowed in CHOICES.items():
+        if _get(recipe, key) not in allowed:
+            fail(key, f"must be one of {', '.join(map(str, allowed))}; got {_get(recipe, key)!r}")
+    for key in POSITIVE:
+        if _get(recipe, key) < 1:
+            fail(key, f"must be >= 1, got {_get(recipe, key)}")
+
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    if m.hidden_size % m.num_attention_heads:
+        fail("model.hidden_size", f"= {m.hidden_size} is not divisible by model.num_attention_heads = {m.num_attention_heads}")
+    if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
+        fail("model.num_query_groups", f"= {m.num_query_groups} does not divide model.num_attention_heads = {m.num_attention_heads}")
+    layout = ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel)
+    try:
+        check_layout(layout, world_size or layout.model_parallel, num_attention_heads=m.num_attention_heads,
+                     num_query_groups=m.num_query_groups, num_layers=m.num_layers)
+    except LayoutError as e:
+        key = "parallel"
+        for candidate in ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.sequence_parallel"):
+            if candidate in str(e):
+                key = candidate
+                break
+        fail(key, f"invalid parallel layout: {e}")
+    if world_size is not None:
+        dp = layout.data_parallel(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            fail("train.global_batch_size", f"= {t.global_batch_size} is not divisible by train.micro_batch_size * "
+                 f"data-parallel size = {t.micro_batch_size} * {dp}")
+    if p.vpp and (t.global_batch_size // t.micro_batch_size) % p.pp:
+        fail("train.global_batch_size", "/ micro_batch_size must be a multiple of parallel.pp for the interleaved schedule")
+
+    tok = recipe.tokenizer
+    if tok.type and not tok.model:
+        fail("tokenizer.model", f"is required when tokenizer.type is {tok.type}")
+    if tok.model and not tok.type:
+        fail("tokenizer.type", "is required when tokenizer.model is given")
+    if check_environment and tok.model and not Path(tok.model).exists():
+        fail("tokenizer.model", f"file not found: {tok.model}")
+    if not (m.vocab_size or tok.vocab_size or tok.model):
+        fail("model.vocab_size", "is unknown: give tokenizer.model, tokenizer.vocab_size or model.vocab_size")
+    if m.vocab_size and tok.vocab_size and m.vocab_size < tok.vocab_size:
+        fail("model.vocab_size", f"= {m.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens")
+
+    d = recipe.data
+    if d.synthetic and d.prefixes:
+        fail("data.synthetic", "is true but data.prefixes is also set: choose one")
+    if not d.synthetic and not d.prefixes:
+        fail("data.prefixes", "is empty: give indexed .bin/.idx prefixes (or set data.synthetic: true)")
+    if d.prefixes and len(d.prefixes) % 2 == 0 and all(isinstance(x, (int, float)) for x in d.prefixes[0::2]):
+        paths = d.prefixes[1::2]
+    else:
+        paths = d.prefixes
+    for prefix in paths:
+        if not isinstance(prefix, str):
+            fail("data.prefixes", f"has {prefix!r}: expected paths, or alternating weight, path")
+        for ext in (".bin", ".idx") if check_environment else ():
+            if not Path(prefix + ext).is_file():
+                fail("data.prefixes", f"entry {prefix}: {prefix + ext} not found")
+
+    prec = recipe.precision
+    if prec.preset == "fp8":
+        from periln_megatron.specs import check_fp8_options
+
+        n = prec.fp8_bf16_first_last_layers
+        try:
+            check_fp8_options(fp8=prec.fp8_format, fp8_recipe=prec.fp8_recipe, backend=m.backend,
+                              first_last_layers_bf16=n > 0, num_layers_at_start_in_bf16=n,
+                              num_layers_at_end_in_bf16=n, num_layers=m.num_layers, pipeline_parallel=p.pp,
+                              te_version="99" if not check_environment else None)
+        except ValueError as e:
+            key = "model.backend" if "backend" in str(e) else (
+                "precision.fp8_bf16_first_last_layers" if "bf16" in str(e) else "precision.fp8_recipe")
+            fail(key, f"invalid fp8 setting: {e}")
+    elif prec.fp8_bf16_first_last_layers:
+        fail("precision.fp8_bf16_first_last_layers", "only applies with precision.preset = fp8")
+    if recipe.checkpoint.keep < 1:
+        fail("checkpoint.keep", f"must be >= 1, got {recipe.checkpoint.keep}")
+    if recipe.nominal_size is not None:
+        try:
+            recipe.nominal_params()
+        except (ValueError, KeyError):
+            fail("nominal_size", f"must look like 400M or 3.2B, got {recipe.nominal_size!r}")
+    if check_environment:
+        _check_environment(recipe, fail)
+
+
+def _check_environment(recipe: Recipe, fail) -> None:
+    """What depends on this machine: Transformer Engine, a GPU, files."""
+    import torch
+
+    from periln_megatron.specs import HAVE_TE
+
+    if recipe.model.backend == "te" and not HAVE_TE:
+        key = "precision.preset" if recipe.precision.preset == "fp8" else "model.backend"
+        fail(key, f"= {recipe.precision.preset if key == 'precision.preset' else 'te'} needs Transformer Engine, "
+             "which is not importable here (use model.backend: local and a non-fp8 preset)")
+    if recipe.checkpoint.async_save and not torch.cuda.is_available():
+        fail("checkpoint.async_save", "needs a GPU")
+    if recipe.checkpoint.load and not Path(recipe.checkpoint.load).exists():
+        fail("checkpoint.load", f"not found: {recipe.checkpoint.load}")

@@ -1,0 +1,118 @@
+"""Training data: megatron-core's GPTDataset over indexed prefixes, and a deterministic sampler.
+
+The sampler is a pure function of (iteration, data-parallel rank), so the data position saved in
+a checkpoint is just the iteration, and resume replays exactly the samples an uninterrupted run
+would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from periln_megatron.config import Recipe
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What GPTDataset needs to know of a tokenizer."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of GPTDataset's cache key
+        return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def split_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
+    """[p1, p2] -> ([p1, p2], None); [0.3, p1, 0.7, p2] -> ([p1, p2], [0.3, 0.7])."""
+    if len(prefixes) % 2 == 0 and all(isinstance(x, (int, float)) for x in prefixes[0::2]):
+        return [str(p) for p in prefixes[1::2]], [float(w) for w in prefixes[0::2]]
+    return [str(p) for p in prefixes], None
+
+
+def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
+    """(train, valid) GPTDatasets sized for the whole run, built by megatron-core."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    t = recipe.train
+    blend = None
+    if not recipe.data.synthetic:
+        from periln_megatron.indexed_data import verify_prefix
+
+        paths, weights = split_blend(recipe.data.prefixes)
+        for prefix in paths:
+            verify_prefix(prefix)  # a truncated .bin fails here, naming the file
+        blend = (paths, weights)
+    num_valid = (t.steps // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+    config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=recipe.model.seq_length,
+        blend=blend,
+        split=recipe.data.split,
+        path_to_cache=str(Path(recipe.data.cache_dir or run_dir / "data_cache")),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    cls = MockGPTDataset if recipe.data.synthetic else GPTDataset
+    sizes = [t.steps * t.global_batch_size, num_valid, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    if valid is None and t.eval_interval:
+        raise ValueError(f"{recipe.source}: `data.split` = {recipe.data.split!r} leaves no validation data "
+                         f"but train.eval_interval = {t.eval_interval}")
+    return train, valid
+
+
+class MicroBatches:
+    """Micro-batches of one data-parallel rank for one global batch, as dicts of tensors."""
+
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.dataset = dataset
+        self.gbs, self.mbs = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.gbs // (self.mbs * self.dp_size)
+
+    def for_iteration(self, iteration: int):
+        per_rank = self.gbs // self.dp_size
+        start = iteration * self.gbs + self.dp_rank * per_rank
+        for m in range(self.num_microbatches):
+            first = start + m * self.mbs
+            samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.mbs)]
+            yield {
+                key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                for key in ("tokens", "labels", "loss_mask", "position_ids")
+            }
+
+
+def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
+    """Read the tokenizer's size and EOD id; fill in tokenizer.vocab_size; check model.vocab_size against it."""
+    from periln_megatron.config import RecipeError
+
+    tok = recipe.tokenizer
+    if tok.model:
+        from periln_megatron.tokenizer import load_tokenizer
+
+        loaded = load_tokenizer(tok.type, tok.model)
+        if tok.vocab_size is not None and tok.vocab_size != loaded.vocab_size:
+            raise RecipeError(f"{recipe.source}: `tokenizer.vocab_size` = {tok.vocab_size} but {tok.model} "
+                              f"has {loaded.vocab_size} tokens")
+        tok.vocab_size = loaded.vocab_size
+        eod = loaded.eod_id
+    else:
+        eod = 0
+    size = tok.vocab_size or recipe.model.vocab_size
+    if recipe.model.vocab_size is not None and recipe.model.vocab_size < size:
+        raise RecipeError(f"{recipe.source}: `model.vocab_size` = {recipe.model.vocab_size} is smaller than the "
+                          f"tokenizer's {size} tokens")
+    return TokenizerInfo(vocab_size=size, eod=eod)

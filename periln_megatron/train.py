@@ -1,0 +1,329 @@
+"""The training loop: one loop for CPU and GPU, built from megatron-core's parts.
+
+Exit status (the Slurm templates rely on it):
+    0   training finished
+    75  stopped by a signal or --exit-after-minutes after saving a checkpoint: requeue me
+    3   loss or grad norm became NaN/Inf (no checkpoint of that state is written)
+    2   invalid recipe or command line
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from periln_megatron import checkpoint, runtime
+from periln_megatron.config import Recipe
+
+EXIT_FINISHED, EXIT_REQUEUE, EXIT_NONFINITE = 0, 75, 3
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class StopFlag:
+    """Set by a signal handler; ranks agree on it at the next step boundary."""
+
+    def __init__(self, signals: list[str], exit_after_minutes: float | None):
+        self.reason: str | None = None
+        self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
+        for name in signals:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+
+    def local(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline and self.reason is None:
+            self.reason = "--exit-after-minutes"
+        return self.reason is not None
+
+
+def transformer_config(recipe: Recipe):
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, prec = recipe.model, recipe.parallel, recipe.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(prec.preset, torch.float32)
+    cuda = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_size,
+        normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=not cuda, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=cuda, apply_rope_fusion=False, masked_softmax_fusion=cuda,
+        persist_layer_norm=cuda,
+    )
+    if m.recompute != "none":
+        kwargs.update(recompute_granularity=m.recompute)
+        if m.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=m.recompute_num_layers)
+    if prec.preset == "fp8":
+        kwargs.update(fp8=prec.fp8_format, fp8_recipe=prec.fp8_recipe,
+                      first_last_layers_bf16=prec.fp8_bf16_first_last_layers > 0,
+                      num_layers_at_start_in_bf16=prec.fp8_bf16_first_last_layers,
+                      num_layers_at_end_in_bf16=prec.fp8_bf16_first_last_layers)
+    return TransformerConfig(**kwargs)
+
+
+def build_model_chunks(recipe: Recipe, config, vocab_size: int) -> list:
+    """One GPTModel per virtual pipeline stage of this rank, cast for mixed precision."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.module import Float16Module
+
+    from periln_megatron.model import build_gpt_model
+
+    m = recipe.model
+    chunks = []
+    for vp_stage in range(recipe.parallel.vpp or 1):
+        vp = vp_stage if recipe.parallel.vpp else None
+        chunk = build_gpt_model(
+            config, placement=m.placement, backend=m.backend, embedding_norm=m.embedding_norm,
+            vocab_size=vocab_size, max_sequence_length=m.seq_length, rotary_base=m.rotary_base,
+            share_embeddings_and_output_weights=not m.untie_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        if config.bf16 or config.fp16:
+            chunk = Float16Module(config, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def build_optimizer(recipe: Recipe, config, chunks):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    p, o, prec, t = recipe.parallel, recipe.optim, recipe.precision, recipe.train
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+    )
+    ddp_chunks = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    # Norm gains and biases are 1-D: megatron-core puts them in the no-weight-decay group.
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=p.distributed_optimizer,
+        initial_loss_scale=prec.initial_loss_scale if config.fp16 else None,
+        min_loss_scale=prec.min_loss_scale, loss_scale_window=prec.loss_scale_window, hysteresis=prec.hysteresis,
+        overlap_param_gather_with_optimizer_step=False,
+    )
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    decay_steps = max(t.steps * t.global_batch_size, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps * t.global_batch_size, lr_decay_steps=decay_steps,
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=decay_steps, wd_incr_style="constant",
+        wsd_decay_steps=decay_steps // 10 if o.decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None,
+    )
+    return ddp_chunks, optimizer, scheduler
+
+
+def _forward_step(data_iterator, model, diagnostics=None):
+    batch = next(data_iterator)
+    dev = runtime.device()
+    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(per_token_loss):
+        mask = batch["loss_mask"].float()
+        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return output, loss_func
+
+
+def _agree(values: list[float]):
+    """Sum small per-rank values over the world (one all-reduce per step)."""
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def run_schedule(chunks, batches, iteration, recipe, forward_only: bool):
+    """One global batch through megatron-core's (possibly interleaved) pipeline schedule."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro = list(batches.for_iteration(iteration))
+    if len(chunks) == 1:
+        data_iterator = iter(micro)
+    else:  # the interleaved schedule draws from one iterator per chunk
+        data_iterator = [iter(micro) for _ in chunks]
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=data_iterator,
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
+        seq_length=recipe.model.seq_length, micro_batch_size=recipe.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
+        return torch.stack([o["loss"] for o in outputs]).mean().item(), 1.0
+    return 0.0, 0.0
+
+
+def model_flops_per_token(recipe: Recipe, vocab: int) -> float:
+    """6N plus attention, per token, for an MFU estimate."""
+    m = recipe.model
+    from periln_megatron.param_count import count_parameters
+
+    n = count_parameters(recipe, vocab)["total"]
+    return 6 * n + 12 * m.num_layers * m.hidden_size * m.seq_length
+
+
+def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) -> int:
+    from megatron.core import parallel_state as ps
+
+    from periln_megatron.data import MicroBatches, build_datasets
+    from periln_megatron.metrics import MetricsLog
+
+    p, t = recipe.parallel, recipe.train
+    layout = runtime.ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel)
+    env = runtime.initialize(layout, seed=t.seed)
+    stop = StopFlag(t.exit_signals, exit_after_minutes)
+    rank0 = env.rank == 0
+    run_dir = recipe.run_dir
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"periln-train: {env.world_size} ranks ({env.launcher}), tp={p.tp} pp={p.pp} vpp={p.vpp} "
+              f"cp={p.cp} dp={layout.data_parallel(env.world_size)}, device={runtime.device().type}\n"
+              f"--- resolved recipe ({recipe.source}) ---\n{recipe.to_yaml()}---", flush=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+    vocab = recipe.padded_vocab_size()
+    config = transformer_config(recipe)
+    chunks = build_model_chunks(recipe, config, vocab)
+    chunks, optimizer, scheduler = build_optimizer(recipe, config, chunks)
+
+    train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    train_batches = MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
+    valid_batches = MicroBatches(valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size) if valid_ds else None
+
+    ckpt_root = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else None
+    iteration = 0
+    latest = checkpoint.latest_iteration(ckpt_root)
+    if latest is not None:
+        path = checkpoint.iteration_dir(ckpt_root, latest)
+        iteration = checkpoint.load(path, chunks, optimizer, scheduler)
+        if rank0:
+            print(f"resumed from iteration {iteration} ({path})", flush=True)
+    elif recipe.checkpoint.load:
+        checkpoint.load_weights_only(Path(recipe.checkpoint.load), chunks)
+        for chunk in chunks:  # the optimizer's fp32 copies must pick up the loaded weights
+            chunk.broadcast_params()
+        optimizer.reload_model_params()
+        if rank0:
+            print(f"initial weights from {recipe.checkpoint.load}", flush=True)
+
+    def save(it):
+        if ckpt_root is None:
+            return
+        target = checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml())
+        if rank0:
+            checkpoint.prune(ckpt_root, recipe.checkpoint.keep)
+            print(f"saved checkpoint iteration {it} to {target}", flush=True)
+
+    metrics = MetricsLog(run_dir, enabled=rank0, tensorboard=recipe.logging.tensorboard, total_steps=t.steps)
+    diagnostics = None
+    if recipe.diagnostics.interval:
+        from periln_megatron.diagnostics import Diagnostics
+
+        diagnostics = Diagnostics(chunks, recipe.diagnostics, config)
+    flops_per_token = model_flops_per_token(recipe, vocab)
+    tokens_per_step = t.global_batch_size * recipe.model.seq_length
+    for chunk in chunks:
+        chunk.train()
+    try:
+        while iteration < t.steps:
+            started = time.perf_counter()
+            measure = diagnostics is not None and (iteration + 1) % recipe.diagnostics.interval == 0
+            if measure:
+                diagnostics.start()
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss_sum, loss_count = run_schedule(chunks, train_batches, iteration, recipe, forward_only=False)
+            layer_grads = diagnostics.layer_grad_norms() if measure else None
+            updated, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=t.global_batch_size)
+            iteration += 1
+            loss_sum, loss_count, stopping = _agree([loss_sum, loss_count, float(stop.local())])
+            loss = loss_sum / max(loss_count, 1)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if not math.isfinite(loss) or (updated and not math.isfinite(grad_norm)):
+                raise NonFiniteError(f"step {iteration}: loss={loss} grad_norm={grad_norm}; stopping without saving "
+                                     f"(last checkpoint: {checkpoint.latest_iteration(ckpt_root)})")
+            elapsed = time.perf_counter() - started
+            record = {"step": iteration, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_step / elapsed, "ms_per_step": 1000 * elapsed,
+                      "skipped": not updated}
+            if torch.cuda.is_available():
+                record["mfu"] = flops_per_token * tokens_per_step / elapsed / (env.world_size * H100_BF16_PEAK_FLOPS)
+            if measure:
+                record.update(diagnostics.finish(layer_grads, loss, grad_norm))
+            if t.eval_interval and iteration % t.eval_interval == 0:
+                record["valid_loss"] = evaluate(chunks, valid_batches, recipe, iteration)
+            if iteration % recipe.logging.interval == 0 or iteration == t.steps or "valid_loss" in record:
+                metrics.log(record)
+            if stopping:
+                save(iteration)
+                if rank0:
+                    print(f"stopping at step {iteration} ({stop.reason or 'another rank was signalled'}); "
+                          f"exit {EXIT_REQUEUE} to requeue", flush=True)
+                return EXIT_REQUEUE
+            interval = recipe.checkpoint.interval
+            if interval and iteration % interval == 0 and iteration < t.steps:
+                save(iteration)
+        if recipe.checkpoint.save_at_end and checkpoint.latest_iteration(ckpt_root) != iteration:
+            save(iteration)
+        if t.eval_interval and valid_batches is not None:
+            final = evaluate(chunks, valid_batches, recipe, iteration)
+            metrics.log({"step": iteration, "final_valid_loss": final})
+        return EXIT_FINISHED
+    finally:
+        metrics.close()
+
+
+def evaluate(chunks, batches, recipe, iteration) -> float:
+    """Mean loss over train.eval_iters validation batches; all ranks return the same value."""
+    for chunk in chunks:
+        chunk.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(recipe.train.eval_iters):
+            s, c = run_schedule(chunks, batches, i, recipe, forward_only=True)
+            total, count = total + s, count + c
+    for chunk in chunks:
+        chunk.train()
+    total, count = _agree([total, count])
+    return total / max(count, 1)
+
+
+if __name__ == "__main__":
+    from periln_megatron.cli import train_main
+
+    sys.exit(train_main())
