@@ -155,8 +155,15 @@ periln_prepare() {
             export VIRTUAL_ENV="$VENV" PATH
         fi
         read -r -a launcher <<<"${PERILN_TRAIN:-periln-train}"
-        command -v "${launcher[0]}" >/dev/null 2>&1 ||
-            periln_die "trainer '${launcher[0]}' not found (VENV=${VENV:-unset}); pip install -e . into a venv, set VENV, or set CONTAINER_IMAGE"
+        if ! command -v "${launcher[0]}" >/dev/null 2>&1; then
+            # A checkout whose package is not pip-installed (no console script) still runs from $REPO.
+            if [ -z "${PERILN_TRAIN:-}" ] && python -c 'import periln_megatron.train' >/dev/null 2>&1; then
+                launcher=(python -m periln_megatron.train)
+                periln_log "periln-train is not installed in ${VENV:-PATH}; running python -m periln_megatron.train from $REPO"
+            else
+                periln_die "trainer '${launcher[0]}' not found (VENV=${VENV:-unset}); pip install -e . into a venv, set VENV, or set CONTAINER_IMAGE"
+            fi
+        fi
     fi
     local -a srun_args
     read -r -a srun_args <<<"${SRUN_ARGS:-}"

@@ -196,7 +196,7 @@ def test_trains_to_completion(slurm, tmp_path):
 
 
 def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
-    total = 30
+    total = 120
     env = {"RECIPE": TINY, "TRAIN_STEPS": str(total), "EXTRA_SETS": "checkpoint.interval=1000"}
     job, log = submit(slurm, tmp_path, env, "preempt")
     wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
