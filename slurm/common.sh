@@ -116,7 +116,8 @@ periln_prepare() {
         done
         [ -z "$missing" ] || periln_die "data prefix files not found:$missing (DATA_PREFIXES=$DATA_PREFIXES)"
         [ "$n_paths" -gt 0 ] || periln_die "DATA_PREFIXES has weights but no paths: $DATA_PREFIXES"
-        sets+=("data.prefixes=[$flow]")
+        # Real data replaces a recipe's synthetic tokens (tiny CPU recipes use those).
+        sets+=("data.prefixes=[$flow]" "data.synthetic=false")
     fi
     if [ -n "${TRAIN_STEPS:-}" ]; then
         [[ $TRAIN_STEPS =~ ^[0-9]+$ ]] || periln_die "TRAIN_STEPS must be a positive integer, got: $TRAIN_STEPS"
@@ -165,6 +166,7 @@ periln_prepare() {
             fi
         fi
     fi
+    [ -z "${CONTAINER_IMAGE:-}" ] && periln_preflight "$recipe" "${sets[@]}"
     local -a srun_args
     read -r -a srun_args <<<"${SRUN_ARGS:-}"
     PERILN_SRUN+=("${srun_args[@]}")
@@ -172,6 +174,40 @@ periln_prepare() {
     PERILN_CMD=("${launcher[@]}" --recipe "$recipe")
     for item in "${sets[@]}"; do PERILN_CMD+=(--set "$item"); done
     PERILN_CMD+=("${extra_args[@]}")
+}
+
+# Outside containers the batch node has the package: validate the recipe with all overrides against
+# the job's world size, and check its data prefixes (the recipe's own or DATA_PREFIXES/EXTRA_SETS),
+# before srun starts anything. Exit 2 from the snippet: invalid; 3: cannot check.
+periln_preflight() {
+    local out rc
+    out=$(python - "$@" <<'PY' 2>&1
+import os, re, sys
+try:
+    from periln_megatron.config import load_recipe
+except Exception as e:  # an old checkout or a broken env: the trainer will tell
+    print(f"cannot import periln_megatron.config ({e})"); sys.exit(3)
+recipe_path, sets = sys.argv[1], sys.argv[2:]
+try:
+    recipe = load_recipe(recipe_path, sets, world_size=int(os.environ.get("SLURM_NTASKS", "1")),
+                         check_environment=False)
+except Exception as e:
+    print(e); sys.exit(2)
+if not recipe.data.synthetic:
+    missing = [p + ext for p in recipe.data.prefixes
+               if not re.fullmatch(r"[0-9.eE+-]+", str(p)) for ext in (".bin", ".idx")
+               if not os.path.isfile(str(p) + ext)]
+    if missing:
+        print("data prefix files not found: " + " ".join(missing) + " (data.prefixes of the recipe; set DATA_PREFIXES to override)")
+        sys.exit(2)
+PY
+    )
+    rc=$?
+    case "$rc" in
+        0) periln_log "recipe check passed (keys, values, layout for ${SLURM_NTASKS:-1} ranks, data files)" ;;
+        2) periln_die "$out" ;;
+        *) periln_log "recipe check skipped: ${out:-exit $rc}" ;;
+    esac
 }
 
 # ---------------------------------------------------------------------------- signals

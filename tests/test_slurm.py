@@ -154,7 +154,7 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
             (data / (stem + ext)).write_bytes(b"")
     env = {"RECIPE": TINY, "PERILN_TRAIN": "echo ARGS", "TRAIN_STEPS": "7",
            "DATA_PREFIXES": f"0.3,{data}/a_text_document,0.7,{data}/b_text_document",
-           "EXTRA_SETS": "optim.lr=1e-3 train.seed=7", "EXTRA_ARGS": "--exit-after-minutes 5",
+           "EXTRA_SETS": "optim.lr=1.0e-3 train.seed=7", "EXTRA_ARGS": "--exit-after-minutes 5",
            "NCCL_DEBUG": "INFO"}
     job, log = submit(slurm, tmp_path, env, "args")
     info = slurm.wait_job(job, timeout=60)
@@ -163,19 +163,34 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
     assert len(lines) == 2, read(log)  # one task per "GPU"
     assert lines[0] == (
         f"ARGS --recipe {REPO}/{TINY} --set checkpoint.dir={tmp_path}/ckpt "
-        f"--set data.prefixes=[0.3,{data}/a_text_document,0.7,{data}/b_text_document] --set train.steps=7 "
-        "--set optim.lr=1e-3 --set train.seed=7 --exit-after-minutes 5")
+        f"--set data.prefixes=[0.3,{data}/a_text_document,0.7,{data}/b_text_document] --set data.synthetic=false "
+        "--set train.steps=7 "
+        "--set optim.lr=1.0e-3 --set train.seed=7 --exit-after-minutes 5")
     assert "training finished (exit 0)" in read(log)
 
 
-def test_bad_set_key_fails_before_training(slurm, tmp_path):
-    env = {"RECIPE": TINY, "EXTRA_SETS": "train.no_such_key=3"}
-    job, log = submit(slurm, tmp_path, env, "bad-key")
-    info = slurm.wait_job(job, timeout=120)
+def test_missing_data_prefix_in_recipe_fails_before_launch(slurm, tmp_path):
+    recipe = tmp_path / "no_data.yaml"
+    recipe.write_text(f"base: {REPO / TINY}\ndata: {{synthetic: false, prefixes: [{tmp_path}/gone_text_document]}}\n")
+    job, log = submit(slurm, tmp_path, {"RECIPE": str(recipe)}, "bad-recipe-data")
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log, "FAILED", "2:0")
     text = read(log)
-    assert info.state == "FAILED", f"{info.fields}\n{text[-4000:]}"
-    assert "no_such_key" in text and "training failed" in text
-    assert not steps(text)
+    assert f"data prefix files not found: {tmp_path}/gone_text_document.bin {tmp_path}/gone_text_document.idx" in text
+    assert "launch:" not in text and not steps(text)
+
+
+@pytest.mark.parametrize("sets, message", [
+    ("train.no_such_key=3", "train.no_such_key"),
+    ("parallel.tp=2 parallel.pp=2", "world size 2"),  # TP*PP=4 cannot fit 2 ranks
+], ids=["unknown-key", "layout"])
+def test_bad_set_fails_before_launch(slurm, tmp_path, sets, message):
+    job, log = submit(slurm, tmp_path, {"RECIPE": TINY, "EXTRA_SETS": sets}, "bad-set")
+    info = slurm.wait_job(job, timeout=60)
+    must(info, log, "FAILED", "2:0")
+    text = read(log)
+    assert re.search(rf"ERROR: .*{re.escape(message)}", text), text[-3000:]
+    assert "launch:" not in text and not steps(text)
 
 
 # ----------------------------------------------------------------------------- training
@@ -196,7 +211,7 @@ def test_trains_to_completion(slurm, tmp_path):
 
 
 def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
-    total = 120
+    total = 60
     env = {"RECIPE": TINY, "TRAIN_STEPS": str(total), "EXTRA_SETS": "checkpoint.interval=1000"}
     job, log = submit(slurm, tmp_path, env, "preempt")
     wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
