@@ -233,3 +233,17 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
     assert steps(second) == list(range(stop + 1, total + 1)), second[-4000:]
     assert "restart 1:" in second and "training finished (exit 0)" in second
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(total)
+
+
+def test_scancel_stops_without_requeue(slurm, tmp_path):
+    """SIGTERM (scancel, or preemption that Slurm requeues itself) must not make the job requeue itself."""
+    env = {"RECIPE": TINY, "TRAIN_STEPS": "2000", "EXTRA_SETS": "checkpoint.interval=1000"}
+    job, log = submit(slurm, tmp_path, env, "cancel")
+    wait_for_log(slurm, job, log, r"^step 2/", timeout=150)
+    slurm._run(["scancel", job])
+    info = slurm.wait_job(job, timeout=60)
+    time.sleep(2)  # let the batch shell finish writing
+    text = read(log)
+    assert info.state == "CANCELLED" and info.restarts == 0, f"{info.fields}\n{text[-3000:]}"
+    assert "requeueing job" not in text
+    assert slurm.job(job).restarts == 0
