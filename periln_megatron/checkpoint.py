@@ -12,6 +12,7 @@ checkpoint loads under any TP/PP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -86,8 +87,61 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _torch_adams(optimizer) -> list:
+    """The torch.optim.Adam instances inside a megatron optimizer (none with apex/TE's FusedAdam)."""
+    inners = [getattr(inner, "optimizer", None) for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inners if isinstance(o, torch.optim.Adam)]  # AdamW subclasses Adam
+
+
+@contextlib.contextmanager
+def _torch_adam_load_fixes(optimizer):
+    """Load megatron-core 0.16.1's reshardable optimizer state into torch's Adam (no apex/TE, e.g. CPU).
+
+    Three gaps, all about Adam's per-parameter `step` tensor, which FusedAdam does not have:
+    the state-dict builder reads `step` from existing state (none yet in a fresh process), the
+    reshardable copy expects a source for every state key (there is none for `step`), and the step
+    it restores is one tensor shared by all parameters, which Adam then increments once per parameter.
+    """
+    adams = _torch_adams(optimizer)
+    for adam in adams:
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
+    if not adams:
+        yield
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def copy_without_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = copy_without_step
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+    for adam in adams:
+        for state in adam.state.values():
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+    from megatron.core.utils import unwrap_model
+
+    # Keys as Megatron-LM writes them (no DDP/Float16Module "module." prefixes): the HF converter reads them.
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), unwrap_model(chunks))}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return state
@@ -153,15 +207,17 @@ def load(directory: Path, chunks, optimizer, scheduler) -> int:
 
     directory = Path(directory)
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    state = _sharded_state(chunks, optimizer, is_loading=True)
-    same_layout = common.get("layout") == _layout()
-    if same_layout and optimizer is not None:
-        state["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(state, str(directory))
-    for key, chunk in zip(_model_keys(chunks), chunks):
-        chunk.load_state_dict(loaded[key])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+    with _torch_adam_load_fixes(optimizer) if optimizer is not None else contextlib.nullcontext():
+        state = _sharded_state(chunks, optimizer, is_loading=True)
+        if optimizer is not None and common.get("layout") == _layout():
+            state["rng_state"] = _rng_object()  # RNG streams only carry over to the same layout
+        loaded = dist_checkpointing.load(state, str(directory))
+        from megatron.core.utils import unwrap_model
+
+        for key, chunk in zip(_model_keys(chunks), unwrap_model(chunks)):
+            chunk.load_state_dict(loaded[key])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if "rng_state" in loaded:

@@ -65,7 +65,7 @@ def params_main(argv: list[str] | None = None) -> int:
     status = 0
     for path in args.recipes:
         try:
-            recipe = load_recipe(path, args.overrides, check_files=False)
+            recipe = load_recipe(path, args.overrides, check_environment=False)
         except RecipeError as e:
             print(f"periln-params: error: {e}", file=sys.stderr)
             status = 2

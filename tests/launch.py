@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +50,47 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
     return result
+
+
+def spawn_ranks(nproc: int, args: list[str], log_dir: Path, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `nproc` ranks the way srun does (no torchrun); rank r writes to log_dir/rank{r}.log."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(nproc):
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
+        with open(log_dir / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def wait_for_line(path: Path, needle: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank exited before {needle!r} appeared:\n{path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    kill_all(procs)
+    raise AssertionError(f"{needle!r} did not appear in {path} within {timeout}s")
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+    finally:
+        kill_all(procs)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
