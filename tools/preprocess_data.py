@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Tokenize JSONL (or .jsonl.gz) into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx).
+
+A drop-in for Megatron-LM's tools/preprocess_data.py where the flags overlap (--input,
+--output-prefix, --json-keys, --workers, --append-eod, --tokenizer-type, --tokenizer-model);
+outputs are named like Megatron-LM's: OUTPUT_PREFIX_{key}_document.{bin,idx}.
+
+  python tools/preprocess_data.py --input data/*.jsonl.gz --output-prefix out/corpus \\
+      --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 8
+
+The main process reads large blocks of lines and writes contiguous token chunks; worker
+processes parse JSON and tokenize whole blocks at once, returning numpy arrays. Files are written
+under temporary names and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import warnings
+
+import numpy as np
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from periln_megatron.indexed_data import PrefixWriter  # noqa: E402
+from periln_megatron.tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES, load_tokenizer  # noqa: E402
+
+REASONS = ("malformed JSON", "not a JSON object", "missing key", "not a string")
+
+
+class InputError(Exception):
+    """Bad input under --on-error fail, or an unreadable file: the message starts with file:line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="JSONL files (.jsonl, .json, optionally .gz), directories of them, or glob patterns")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one output per key (default: text)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model, Hugging Face tokenizer directory, or .tiktoken BPE file (local)")
+    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    g.add_argument("--no-segment-cache", action="store_true",
+                   help="SentencePiece: encode whole documents instead of caching per-word ids (same ids, slower)")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True,
+                   help="output path without suffix; writes OUTPUT_PREFIX_{key}_document.bin/.idx")
+    g.add_argument("--keep-separate", action="store_true",
+                   help="one prefix per input file (OUTPUT_PREFIX_{file stem}_{key}_document), e.g. for a blend; "
+                        "default: all inputs merged into one prefix")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: CPU count)")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 18, help="bytes of JSONL per work item (default: 256 KiB)")
+    g.add_argument("--on-error", choices=("skip", "fail"), default="fail",
+                   help="malformed JSON, a missing key or a non-string value: fail (default) stops with "
+                        "file:line; skip counts the line and goes on")
+    g.add_argument("--log-interval", type=float, default=None,
+                   help="seconds between progress lines when stderr is not a terminal (default 10)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
+    g.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON to PATH")
+    return p
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    files = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
+        elif p.exists():
+            found = [p]
+        else:
+            found = sorted(Path(f) for f in glob.glob(pat))
+        if not found:
+            raise InputError(f"{pat}: no such input file (nor matching files)")
+        files.extend(found)
+    return files
+
+
+def input_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def read_chunks(path: Path, chunk_bytes: int):
+    """Yield (first line number, block of whole lines, raw bytes read so far) for one input file."""
+    raw = open(path, "rb")
+    try:
+        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+        line, rest = 1, b""
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                raise InputError(f"{path}:{line}: cannot read: {exc}") from None
+            if not block:
+                if rest:
+                    yield line, rest, raw.tell()
+                return
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            data, rest = block[:cut], block[cut:]
+            yield line, data, raw.tell()
+            line += data.count(b"\n")
+    finally:
+        raw.close()
+
+
+# ------------------------------------------------------------------ worker side
+_W: dict = {}
+
+
+def _init_worker(tokenizer_type, tokenizer_model, keys, append_eod, segment_cache, dtype):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles interrupts
+    kwargs = {"segment_cache": segment_cache} if tokenizer_type in SENTENCEPIECE_TYPES else {}
+    tok = load_tokenizer(tokenizer_type, tokenizer_model, **kwargs)
+    _W.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=np.dtype(dtype))
+
+
+def encode_block(first_line: int, data: bytes) -> dict:
+    """Parse and tokenize one block of JSONL lines. Returns tokens per key and the bad lines."""
+    keys, loads = _W["keys"], json.loads
+    texts = {k: [] for k in keys}
+    errors, blank = [], 0
+    for lineno, line in enumerate(data.split(b"\n"), start=first_line):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            obj = loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            errors.append((lineno, REASONS[0], f"malformed JSON: {exc}"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append((lineno, REASONS[1], f"expected a JSON object, found {type(obj).__name__}"))
+            continue
+        values = []
+        for k in keys:
+            v = obj.get(k, _W)
+            if v is _W:
+                errors.append((lineno, REASONS[2], f"missing key {k!r}"))
+                break
+            if not isinstance(v, str):
+                errors.append((lineno, REASONS[3], f"key {k!r} holds {type(v).__name__}, not a string"))
+                break
+            values.append(v)
+        else:
+            for k, v in zip(keys, values):
+                texts[k].append(v)
+    blank -= data.endswith(b"\n")  # the split leaves one empty piece after the final newline
+    out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}}
+    tok, eod, dtype = _W["tok"], _W["eod"], _W["dtype"]
+    for k in keys:
+        flat, lengths = tok.encode_flat(texts[k]) if texts[k] else (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        empty = int(np.count_nonzero(lengths == 0))
+        lengths = lengths[lengths > 0]
+        if eod is not None and len(lengths):
+            flat = np.insert(flat, np.cumsum(lengths), eod)
+            lengths = lengths + 1
+        out["keys"][k] = (flat.astype(dtype), lengths.astype(np.int32), empty)
+    return out
+
+
+def _encode_task(task):
+    return encode_block(*task)
+
+
+# ------------------------------------------------------------------ main side
+class Progress:
+    def __init__(self, total_bytes: int, quiet: bool, interval: float | None):
+        self.total, self.quiet = max(total_bytes, 1), quiet
+        self.tty = sys.stderr.isatty() and interval is None
+        self.interval = 0.2 if self.tty else (interval or 10.0)
+        self.start = self.last = time.monotonic()
+
+    def update(self, done_raw: int, docs: int, json_bytes: int, tokens: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.quiet or (not final and now - self.last < self.interval):
+            return
+        self.last = now
+        el = max(now - self.start, 1e-9)
+        frac = min(done_raw / self.total, 1.0)
+        eta = el * (1 - frac) / frac if frac > 0 else 0
+        bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+        msg = (f"[{bar}] {frac * 100:5.1f}% {docs:,} docs {tokens:,} tokens "
+               f"{json_bytes / el / 1e6:.2f} MB/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        print(("\r" + msg + ("\n" if final else "")) if self.tty else msg, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args) -> dict:
+    """Preprocess per ``args`` (see build_parser); return the summary dict. Raises InputError."""
+    files = expand_inputs(args.input)
+    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    if args.keep_separate:
+        stems, groups = collections.Counter(input_stem(f) for f in files), []
+        for i, f in enumerate(files):
+            name = input_stem(f) if stems[input_stem(f)] == 1 else f"{i}_{input_stem(f)}"
+            groups.append((f"{args.output_prefix}_{name}", [f]))
+    else:
+        groups = [(args.output_prefix, files)]
+    stats = {"files": [str(f) for f in files], "documents": 0, "tokens": 0, "json_bytes": 0, "blank_lines": 0,
+             "empty_documents": 0, "skipped": {r: 0 for r in REASONS}, "outputs": {}}
+    progress = Progress(sum(f.stat().st_size for f in files), args.quiet, args.log_interval)
+    from megatron.core.datasets.indexed_dataset import DType  # before the fork: workers inherit it
+
+    dtype = np.dtype(DType.optimal_dtype(tok.vocab_size)).name
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(args.workers, initializer=_init_worker,
+                    initargs=(args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod,
+                              not args.no_segment_cache, dtype))
+    writers, shown, raw_done = [], 0, 0
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    start = time.perf_counter()
+    progress.start = time.monotonic()
+    try:
+        for out_prefix, group in groups:
+            prefixes = {k: f"{out_prefix}_{k}_document" for k in args.json_keys}
+            keyed = {k: PrefixWriter(p, tok.vocab_size) for k, p in prefixes.items()}
+            writers.extend(keyed.values())
+            for f in group:
+                pending, raw_before = collections.deque(), raw_done
+                chunks = read_chunks(f, args.chunk_bytes)
+                exhausted = False
+                while pending or not exhausted:
+                    while not exhausted and len(pending) < 2 * args.workers + 2:
+                        item = next(chunks, None)
+                        if item is None:
+                            exhausted = True
+                        else:
+                            pending.append((pool.apply_async(_encode_task, ((item[0], item[1]),)), item[2]))
+                    if not pending:
+                        break
+                    job, raw_pos = pending.popleft()
+                    res = job.get()
+                    for lineno, reason, message in res["errors"]:
+                        if args.on_error == "fail":
+                            raise InputError(f"{f}:{lineno}: {message}")
+                        stats["skipped"][reason] += 1
+                        if shown < 20 and not args.quiet:
+                            print(f"warning: {f}:{lineno}: {message} (skipped)", file=sys.stderr)
+                        shown += 1
+                    for k, (tokens, lengths, empty) in res["keys"].items():
+                        keyed[k].add_documents(tokens, lengths)
+                        stats["documents"] += len(lengths)
+                        stats["tokens"] += len(tokens)
+                        stats["empty_documents"] += empty
+                    stats["json_bytes"] += res["bytes"]
+                    stats["blank_lines"] += res["blank"]
+                    raw_done = raw_before + raw_pos
+                    progress.update(raw_done, stats["documents"], stats["json_bytes"], stats["tokens"])
+            for k, w in keyed.items():
+                docs, toks = w.commit()
+                stats["outputs"][w.prefix] = {"key": k, "documents": docs, "tokens": toks,
+                                              "bytes": toks * w.dtype.itemsize, "dtype": w.dtype.name}
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        pool.join()
+    stats["seconds"] = time.perf_counter() - start
+    progress.update(raw_done, stats["documents"], stats["json_bytes"], stats["tokens"], final=True)
+    return stats
+
+
+def print_summary(stats: dict, file=sys.stderr) -> None:
+    s = max(stats["seconds"], 1e-9)
+    out_bytes = sum(o["bytes"] for o in stats["outputs"].values())
+    print(f"documents: {stats['documents']:,} written, {stats['empty_documents']:,} empty (not written), "
+          f"{stats['blank_lines']:,} blank lines", file=file)
+    print(f"tokens: {stats['tokens']:,}; input: {stats['json_bytes'] / 1e6:.2f} MB of JSONL; "
+          f"output: {out_bytes / 1e6:.2f} MB of tokens", file=file)
+    print(f"time: {s:.2f} s; throughput: {stats['json_bytes'] / s / 1e6:.2f} MB/s of JSONL, "
+          f"{stats['tokens'] / s:,.0f} tokens/s, {stats['documents'] / s:,.0f} docs/s", file=file)
+    skipped = sum(stats["skipped"].values())
+    reasons = ", ".join(f"{n} {r}" for r, n in stats["skipped"].items() if n)
+    print(f"skipped lines: {skipped}" + (f" ({reasons})" if reasons else ""), file=file)
+    for prefix, o in stats["outputs"].items():
+        print(f"wrote {prefix}.bin/.idx: {o['documents']:,} documents, {o['tokens']:,} tokens ({o['dtype']})",
+              file=file)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        stats = run(args)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written (temporary files removed)", file=sys.stderr)
+        return 130
+    print_summary(stats)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(stats, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

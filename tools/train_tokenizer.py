@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Train a SentencePiece tokenizer (BPE or unigram) from JSONL or plain-text files.
+
+  python tools/train_tokenizer.py --input data/*.jsonl.gz --json-key text \\
+      --model-prefix tokenizers/spm32k --vocab-size 32000 --model-type bpe
+
+Writes PREFIX.model, PREFIX.vocab and PREFIX.json (the settings and corpus it was trained with).
+Byte fallback is on by default (no <unk> for unseen characters). Ids: 0 <unk>, 1 <s>, 2 </s>
+(the end-of-document token for preprocess_data.py --append-eod), then --special-tokens
+(control symbols, never produced from text) and --user-defined-symbols (always one piece).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="training files: .jsonl/.json (optionally .gz) read through --json-key, anything else "
+                        "as plain text, one sentence per line")
+    p.add_argument("--json-key", default="text", help="key holding the text in JSONL files (default: text)")
+    p.add_argument("--model-prefix", required=True, help="output path without suffix (writes .model/.vocab/.json)")
+    p.add_argument("--vocab-size", type=int, required=True, help="number of pieces, special tokens included")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                   help="turn off byte fallback (unseen characters then become <unk>)")
+    p.add_argument("--special-tokens", nargs="*", default=[], metavar="TOK",
+                   help="extra control tokens (ids right after </s>), e.g. <|pad|> <|sep|>")
+    p.add_argument("--user-defined-symbols", nargs="*", default=[], metavar="SYM",
+                   help="strings always kept as a single piece when they occur in text")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--normalization", default="identity",
+                   help="SentencePiece normalization rule: identity (default, keeps text as is), nfkc, nmt_nfkc")
+    p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines are skipped by the trainer")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="sentences sampled for training (0: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of SentencePiece's sentence sampling")
+    return p
+
+
+def _lines(path: Path, json_key: str):
+    """Training sentences of one file; JSONL documents are cut into their lines."""
+    name = path.name
+    is_json = name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not is_json:
+                if line.strip():
+                    yield line.rstrip("\n")
+                continue
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[json_key]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: cannot read key {json_key!r}: {type(exc).__name__}: {exc}") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: key {json_key!r} holds {type(text).__name__}, not a string")
+            yield from (s for s in text.split("\n") if s.strip())
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import sentencepiece as spm
+
+    files = [Path(p) for p in args.input]
+    for f in files:
+        if not f.is_file():
+            print(f"error: {f}: no such file", file=sys.stderr)
+            return 1
+    overlap = set(args.special_tokens) & set(args.user_defined_symbols)
+    if overlap:
+        print(f"error: {sorted(overlap)} given both as special tokens and user-defined symbols", file=sys.stderr)
+        return 2
+    settings = dict(
+        model_type=args.model_type, vocab_size=args.vocab_size, byte_fallback=args.byte_fallback,
+        character_coverage=args.character_coverage, normalization_rule_name=args.normalization,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=list(args.special_tokens),
+        user_defined_symbols=list(args.user_defined_symbols), max_sentence_length=args.max_sentence_length,
+        input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True, num_threads=args.threads,
+        split_digits=True, allow_whitespace_only_pieces=False, remove_extra_whitespaces=True,
+        hard_vocab_limit=True,
+    )
+    prefix = Path(args.model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"sentences": 0, "characters": 0}
+
+    def sentences():
+        for f in files:
+            for s in _lines(f, args.json_key):
+                counts["sentences"] += 1
+                counts["characters"] += len(s)
+                yield s
+
+    spm.set_random_generator_seed(args.seed)
+    start = time.time()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=str(prefix),
+                                       minloglevel=2, **settings)
+    except UnicodeDecodeError as exc:
+        print(f"error: input is not UTF-8: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    model = Path(str(prefix) + ".model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    record = {
+        "model": model.name, "trainer": f"sentencepiece {spm.__version__}", "settings": settings,
+        "seed": args.seed, "inputs": [str(f) for f in files], "json_key": args.json_key, **counts,
+        "vocab_size": sp.get_piece_size(), "eod_id": sp.eos_id(),
+        "special_ids": {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                        if sp.is_control(i) or sp.is_unknown(i)},
+        "user_defined_ids": {s: sp.piece_to_id(s) for s in args.user_defined_symbols},
+        "seconds": round(time.time() - start, 2),
+    }
+    Path(str(prefix) + ".json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {model} ({record['vocab_size']} pieces, {args.model_type}, byte fallback "
+          f"{'on' if args.byte_fallback else 'off'}) from {counts['sentences']:,} sentences in "
+          f"{record['seconds']} s; settings in {prefix}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
