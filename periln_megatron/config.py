@@ -324,12 +324,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
         check_layout(layout, world_size or layout.model_parallel, num_attention_heads=m.num_attention_heads,
                      num_query_groups=m.num_query_groups, num_layers=m.num_layers)
     except LayoutError as e:
-        key = "parallel"
-        for candidate in ("parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.sequence_parallel"):
-            if candidate in str(e):
-                key = candidate
-                break
-        fail(key, f"invalid parallel layout: {e}")
+        fail(e.key, f"invalid parallel layout: {e}")
     if world_size is not None:
         dp = layout.data_parallel(world_size)
         if t.global_batch_size % (t.micro_batch_size * dp):

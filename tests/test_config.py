@@ -1,0 +1,123 @@
+"""Recipe schema: every validation error names the file and the key; shipped recipes validate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import REPO, run, run_torchrun
+from periln_megatron.config import RecipeError, load_recipe, parse_overrides
+
+RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+NOMINAL = sorted(p for p in RECIPES if p.parent.name != "tiny")
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny(**sections):
+    base = yaml.safe_load((REPO / "recipes/tiny/peri_ln.yaml").read_text())
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+@pytest.mark.parametrize("sections,world,key,message", [
+    ({"model": {"num_layerz": 4}}, None, "model.num_layerz", "unknown key"),
+    ({"model": {"num_layers": "four"}}, None, "model.num_layers", "must be int"),
+    ({"model": {"hidden_dropout": "x"}}, None, "model.hidden_dropout", "must be float"),
+    ({"parallel": {"tp": 8}}, None, "parallel.tp", "larger than model.num_attention_heads"),
+    ({"model": {"num_attention_heads": 4, "num_query_groups": 4, "hidden_size": 64}, "parallel": {"tp": 3}},
+     None, "parallel.tp", "not divisible by parallel.tp"),
+    ({"parallel": {"pp": 3}}, None, "parallel.pp", "num_layers=4 is not divisible by parallel.pp*vpp"),
+    ({"parallel": {"pp": 2, "vpp": 4}}, None, "parallel.vpp", "not divisible by parallel.pp*vpp = 8"),
+    ({"train": {"global_batch_size": 6}}, 4, "train.global_batch_size", "not divisible by train.micro_batch_size"),
+    ({"parallel": {"tp": 2}}, 3, "parallel.tp", "world size 3 is not divisible"),
+    ({"model": {"placement": "sandwich"}}, None, "model.placement", "must be one of peri, pre, post, output"),
+    ({"model": {"vocab_size": 100}, "tokenizer": {"vocab_size": 1000}}, None, "model.vocab_size", "smaller than"),
+    ({"model": {"vocab_size": None}}, None, "model.vocab_size", "is unknown"),
+    ({"precision": {"preset": "fp8"}}, None, "model.backend", "needs backend 'te'"),
+    ({"model": {"backend": "te"}, "precision": {"preset": "fp8", "fp8_recipe": "delayed",
+                                                 "fp8_bf16_first_last_layers": 1}},
+     None, "precision.fp8_bf16_first_last_layers", "delayed"),
+    ({"model": {"backend": "te"}, "precision": {"preset": "fp8"}}, None, "precision.preset",
+     "needs Transformer Engine"),
+    ({"model": {"backend": "te"}}, None, "model.backend", "needs Transformer Engine"),
+    ({"data": {"synthetic": False}}, None, "data.prefixes", "is empty"),
+    ({"data": {"synthetic": False, "prefixes": ["/nonexistent/corpus"]}}, None, "data.prefixes",
+     "/nonexistent/corpus.bin not found"),
+    ({"tokenizer": {"type": "SentencePieceTokenizer", "model": "/nonexistent.model"}}, None, "tokenizer.model",
+     "file not found"),
+    ({"checkpoint": {"keep": 0}}, None, "checkpoint.keep", ">= 1"),
+    ({"train": {"steps": 0}}, None, "train.steps", ">= 1"),
+])
+def test_validation_error_names_file_and_key(tmp_path, sections, world, key, message):
+    path = write(tmp_path, tiny(**sections))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, world_size=world)
+    text = str(err.value)
+    assert str(path) in text and f"`{key}`" in text and message in text, text
+
+
+def test_unknown_section_and_override_errors(tmp_path):
+    path = write(tmp_path, tiny())
+    with pytest.raises(RecipeError, match=r"unknown key `optimiser`"):
+        load_recipe(path, ["optimiser.lr=1"])
+    with pytest.raises(RecipeError, match=r"expected key=value"):
+        load_recipe(path, ["model.num_layers"])
+    with pytest.raises(RecipeError, match=r"recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_and_base_merge(tmp_path):
+    assert parse_overrides(["model.num_layers=8", "parallel.tp=2", "data.prefixes=[0.3, a, 0.7, b]"]) == {
+        "model": {"num_layers": 8}, "parallel": {"tp": 2}, "data": {"prefixes": [0.3, "a", 0.7, "b"]}}
+    recipe = load_recipe(REPO / "recipes/tiny/pre_ln.yaml", ["model.num_layers=8"])
+    assert (recipe.model.placement, recipe.model.num_layers, recipe.model.hidden_size) == ("pre", 8, 64)
+    assert "with --set model.num_layers=8" in recipe.source
+    # the resolved recipe round-trips through YAML
+    again = write(tmp_path, yaml.safe_load(recipe.to_yaml()))
+    assert load_recipe(again).to_dict() == recipe.to_dict()
+
+
+def test_vocab_padding_is_layout_independent():
+    r1 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
+    r2 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000", "parallel.tp=2"])
+    assert r1.padded_vocab_size() == r2.padded_vocab_size() == 1024
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path, check_environment=False)
+    if path.parent.name != "tiny":
+        assert recipe.model.backend == "te" and recipe.tokenizer.vocab_size == 100277
+        assert recipe.padded_vocab_size() == 100352
+        tokens = recipe.train.steps * recipe.train.global_batch_size * recipe.model.seq_length
+        assert 29.5e9 < tokens < 30.5e9  # the paper's 30B tokens
+
+
+def test_periln_params_reports_counts_within_10_percent():
+    out = run([str(Path(__import__("sys").executable)), "-m", "periln_megatron.params", "--json",
+               *map(str, NOMINAL)]).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    assert len(rows) == len(NOMINAL)
+    for row in rows:
+        assert abs(row["deviation"]) <= 0.10, row
+        assert row["non_embedding"] < row["total"]
+    big = next(r for r in rows if r["recipe"].endswith("peri_ln/3.2b.yaml"))
+    assert load_recipe(big["recipe"], check_environment=False).parallel.tp > 1
+    assert load_recipe(big["recipe"], check_environment=False).parallel.pp > 1
+
+
+def test_param_count_matches_built_model():
+    variants = [[], ["model.placement=pre"], ["model.placement=post"], ["model.placement=output"],
+                ["model.embedding_norm=true"], ["model.normalization=LayerNorm"], ["model.untie_embeddings=false"]]
+    out = run_torchrun(1, ["tests/workers/param_count_worker.py", json.dumps(variants)], timeout=240).stdout
+    rows = [json.loads(l[6:]) for l in out.splitlines() if l.startswith("COUNT ")]
+    assert len(rows) == len(variants)
+    for row in rows:
+        assert row["built"] == row["counted"], row
