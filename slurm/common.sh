@@ -97,10 +97,11 @@ periln_prepare() {
     CKPT_DIR=$(cd "$CKPT_DIR" && pwd)
 
     PERILN_MOUNTS=("$REPO" "$CKPT_DIR")
+    local item
     local -a sets=("checkpoint.dir=$CKPT_DIR")
     if [ -n "${DATA_PREFIXES:-}" ]; then
         local -a items
-        local item flow="" missing="" n_paths=0
+        local flow="" missing="" n_paths=0
         read -r -a items <<<"${DATA_PREFIXES//,/ }"
         for item in "${items[@]}"; do
             if [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
@@ -120,7 +121,7 @@ periln_prepare() {
         sets+=("data.prefixes=[$flow]" "data.synthetic=false")
     fi
     if [ -n "${TRAIN_STEPS:-}" ]; then
-        [[ $TRAIN_STEPS =~ ^[0-9]+$ ]] || periln_die "TRAIN_STEPS must be a positive integer, got: $TRAIN_STEPS"
+        [[ $TRAIN_STEPS =~ ^[1-9][0-9]*$ ]] || periln_die "TRAIN_STEPS must be a positive integer, got: $TRAIN_STEPS"
         sets+=("train.steps=$TRAIN_STEPS")
     fi
     local -a extra_sets extra_args
@@ -158,7 +159,7 @@ periln_prepare() {
         read -r -a launcher <<<"${PERILN_TRAIN:-periln-train}"
         if ! command -v "${launcher[0]}" >/dev/null 2>&1; then
             # A checkout whose package is not pip-installed (no console script) still runs from $REPO.
-            if [ -z "${PERILN_TRAIN:-}" ] && python -c 'import periln_megatron.train' >/dev/null 2>&1; then
+            if [ -z "${PERILN_TRAIN:-}" ] && python -c 'import periln_megatron' >/dev/null 2>&1; then
                 launcher=(python -m periln_megatron.train)
                 periln_log "periln-train is not installed in ${VENV:-PATH}; running python -m periln_megatron.train from $REPO"
             else
