@@ -99,7 +99,7 @@ class SentencePieceTokenizer(Tokenizer):
     no piece can span a space (no piece holds "\u2581" after its first character) and the
     normalizer collapses runs of spaces and adds the dummy prefix: then ``encode(" " * k + w) ==
     encode(w)``, BPE merges never cross a word boundary, and merges inside a word happen in the
-    same order as in the whole text. Load-time probes compare both ways on tricky strings; any
+    same order as in the whole text. Texts holding a literal "\u2581" are encoded whole. Load-time probes compare both ways on tricky strings; any
     difference turns the cache off (``segment_cache`` tells which path is in use).
     """
 
@@ -198,6 +198,13 @@ class SentencePieceTokenizer(Tokenizer):
             out = self.sp.encode(list(texts))
             lengths = np.fromiter(map(len, out), np.int64, len(out))
             return np.fromiter(chain.from_iterable(out), np.int32, int(lengths.sum())), lengths
+        special = [i for i, t in enumerate(texts) if "\u2581" in t]
+        if special:  # SentencePiece treats a literal "\u2581" like a space but keeps it: encode such texts whole
+            flat, lengths = self.encode_flat(["" if "\u2581" in t else t for t in texts])
+            parts = np.split(flat, np.cumsum(lengths)[:-1])
+            for i, ids in zip(special, self.sp.encode([texts[i] for i in special])):
+                parts[i], lengths[i] = np.asarray(ids, np.int32), len(ids)
+            return np.concatenate(parts).astype(np.int32, copy=False), lengths
         per_text = [t.split(" ") for t in texts]
         words = list(chain.from_iterable(per_text))
         slots = list(map(self._slots.get, words))
