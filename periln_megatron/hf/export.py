@@ -1,0 +1,183 @@
+"""Megatron torch_dist checkpoint -> Hugging Face model directory (see tools/convert_to_hf.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from periln_megatron.hf import mapping
+from periln_megatron.hf.mapping import Shape, UnsupportedModelError
+from periln_megatron.hf.reader import CheckpointReadError, TorchDistReader
+from periln_megatron.hf.safetensors_io import Entry, write_sharded
+
+
+def resolve_iteration_dir(path: Path, iteration: int | None) -> Path:
+    """CHECKPOINT_DIR may be a run's checkpoint root (marker file) or one iter_XXXXXXX directory."""
+    from periln_megatron import checkpoint
+
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        if iteration is not None:
+            raise CheckpointReadError(f"{path} is already one iteration's directory; drop --iteration")
+        return path
+    if iteration is None:
+        iteration = checkpoint.latest_iteration(path)
+        if iteration is None:
+            raise CheckpointReadError(f"{path}: neither a torch_dist iteration directory (.metadata) nor a "
+                                      f"checkpoint root with {checkpoint.MARKER}")
+    target = checkpoint.iteration_dir(path, iteration)
+    if not (target / ".metadata").is_file():
+        raise CheckpointReadError(f"{target}: no such checkpoint (missing or incomplete)")
+    return target
+
+
+def load_checkpoint_recipe(iter_dir: Path):
+    from periln_megatron.config import load_recipe
+
+    path = iter_dir / "recipe.yaml"
+    if not path.is_file():
+        raise CheckpointReadError(f"{path} not found: the converter needs the recipe that wrote the checkpoint")
+    return load_recipe(path, check_environment=False)
+
+
+def true_vocab_size(recipe) -> int:
+    """The unpadded vocabulary: model.vocab_size if the recipe fixes it, else the tokenizer's size."""
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    if recipe.tokenizer.vocab_size:
+        return recipe.tokenizer.vocab_size
+    from periln_megatron.tokenizer import load_tokenizer
+
+    return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.model).vocab_size
+
+
+class _OneTensorCache:
+    """Fused tensors feed several HF tensors in a row (q, k, v; gate, up): read them once."""
+
+    def __init__(self, reader: TorchDistReader):
+        self.reader, self.key, self.value = reader, None, None
+
+    def get(self, key: str, index: tuple) -> torch.Tensor:
+        if self.key != (key, index):
+            self.value = None
+            self.value = self.reader.read(key, index)
+            self.key = (key, index)
+        return self.value
+
+
+def _megatron_layer_key(reader: TorchDistReader, suffix: str) -> str:
+    key = f"decoder.layers.{suffix}"
+    if key not in reader and suffix in mapping.TE_NORM_NAMES:
+        te_key = f"decoder.layers.{mapping.TE_NORM_NAMES[suffix]}"
+        if te_key in reader:
+            return te_key
+    return key
+
+
+def plan_entries(reader: TorchDistReader, s: Shape, dtype: torch.dtype) -> list[Entry]:
+    cache = _OneTensorCache(reader)
+    H, hd = s.hidden, s.head_dim
+    expected = {
+        "embedding.word_embeddings.weight": (None, H),
+        "decoder.final_layernorm.weight": (H,),
+        _megatron_layer_key(reader, "self_attention.linear_qkv.weight"): (s.num_layers, (s.heads + 2 * s.groups) * hd, H),
+        _megatron_layer_key(reader, "mlp.linear_fc1.weight"): (s.num_layers, 2 * s.ffn, H),
+    }
+    if not s.tied:
+        expected["output_layer.weight"] = (None, H)
+    for key, shape in expected.items():
+        got = reader.shape(key)  # raises, naming the key, when absent
+        if len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got)):
+            raise CheckpointReadError(f"{reader.directory}: {key} has shape {got}, the recipe implies "
+                                      f"{tuple('*' if w is None else w for w in shape)}")
+    padded = reader.shape("embedding.word_embeddings.weight")[0]
+    if padded < s.vocab:
+        raise CheckpointReadError(f"{reader.directory}: embedding has {padded} rows, fewer than the vocabulary ({s.vocab})")
+
+    def whole(key, rows=None):
+        def produce():
+            t = reader.read(key)
+            return (t[:rows] if rows else t).to(dtype).clone()
+        return produce
+
+    def part(key, i, pick=None):
+        def produce():
+            t = cache.get(key, (i,)) if pick is not None else reader.read(key, (i,))
+            return (pick(t) if pick is not None else t).to(dtype).contiguous()
+        return produce
+
+    entries = [Entry("model.embed_tokens.weight", (s.vocab, H), dtype, whole("embedding.word_embeddings.weight", s.vocab))]
+    qkv = _megatron_layer_key(reader, "self_attention.linear_qkv.weight")
+    fc1 = _megatron_layer_key(reader, "mlp.linear_fc1.weight")
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        entries += [
+            Entry(p + "self_attn.q_proj.weight", (s.heads * hd, H), dtype, part(qkv, i, lambda t: mapping.split_qkv(t, s)[0])),
+            Entry(p + "self_attn.k_proj.weight", (s.groups * hd, H), dtype, part(qkv, i, lambda t: mapping.split_qkv(t, s)[1])),
+            Entry(p + "self_attn.v_proj.weight", (s.groups * hd, H), dtype, part(qkv, i, lambda t: mapping.split_qkv(t, s)[2])),
+            Entry(p + "mlp.gate_proj.weight", (s.ffn, H), dtype, part(fc1, i, lambda t: t[:s.ffn])),
+            Entry(p + "mlp.up_proj.weight", (s.ffn, H), dtype, part(fc1, i, lambda t: t[s.ffn:])),
+        ]
+        for meg, hf in mapping.layer_names(s.placement):
+            key = _megatron_layer_key(reader, meg)
+            shape = reader.shape(key)[1:]
+            entries.append(Entry(p + hf, shape, dtype, part(key, i)))
+    entries.append(Entry("model.norm.weight", (H,), dtype, whole("decoder.final_layernorm.weight")))
+    if not s.tied:
+        entries.append(Entry("lm_head.weight", (s.vocab, H), dtype, whole("output_layer.weight", s.vocab)))
+    return entries
+
+
+def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | None = None, dtype: str | None = None,
+                  max_shard_size: int = 2 * 10**9, tokenizer: str | None = None, skip_tokenizer: bool = False,
+                  overwrite: bool = False, log=print) -> Path:
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
+    iter_dir = resolve_iteration_dir(Path(checkpoint_dir), iteration)
+    recipe = load_checkpoint_recipe(iter_dir)
+    arch = mapping.arch_for(recipe.model)
+    if recipe.model.backend == "te" and recipe.precision.preset == "fp8":
+        log("note: fp8 training keeps bf16 master weights in the checkpoint; exporting those")
+    dtype_name = dtype or mapping.PRESET_DTYPE[recipe.precision.preset]
+    torch_dtype = mapping.DTYPES[dtype_name]
+    if tokenizer:
+        recipe.tokenizer.model = tokenizer
+    tok_type = None if skip_tokenizer else recipe.tokenizer.type
+    s = mapping.shape_from_recipe(recipe, true_vocab_size(recipe))
+    reader = TorchDistReader(iter_dir)
+    entries = plan_entries(reader, s, torch_dtype)
+    log(f"{iter_dir}: {recipe.model.placement}-LN, {s.num_layers} layers, hidden {s.hidden}, heads {s.heads}/"
+        f"{s.groups} groups, vocab {s.vocab} (padded {reader.shape('embedding.word_embeddings.weight')[0]}) "
+        f"-> {arch} in {dtype_name}")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        from periln_megatron.hf.tokenizer import export_tokenizer
+
+        special = export_tokenizer(tok_type, recipe.tokenizer.model, tmp, s.seq_length)
+        if not tok_type:
+            log("no tokenizer in the recipe (or --skip-tokenizer): writing weights and config only")
+        write_sharded(tmp, entries, max_shard_size, log)
+        config = mapping.hf_config(arch, s, torch_dtype, special)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {k: v for k, v in special.items()}
+        gen.update(do_sample=False)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "megatron_source.json").write_text(json.dumps(
+            {"checkpoint": str(iter_dir.resolve()), "recipe": recipe.to_dict()}, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o755)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {output_dir}")
+    return output_dir

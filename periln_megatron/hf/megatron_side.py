@@ -1,0 +1,66 @@
+"""A whole model in one process (TP=1, PP=1): for the HF importer and for parity checks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import torch
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """megatron-core's parallel state at world size 1 (a private TCP port on 127.0.0.1)."""
+    from periln_megatron import runtime
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+            os.environ[k] = v
+    runtime.initialize(runtime.ParallelLayout(), seed=seed)
+
+
+def single_process_recipe(recipe):
+    r = copy.deepcopy(recipe)
+    r.parallel.tp = r.parallel.pp = 1
+    r.parallel.vpp = None
+    r.parallel.sequence_parallel = False
+    r.model.recompute = "none"
+    return r
+
+
+def build_model(recipe, padded_vocab: int, dtype: torch.dtype | None = None, initialize: bool = True):
+    """GPTModel for the whole network; parameters in `dtype` (default: the recipe's)."""
+    from periln_megatron.model import build_gpt_model
+    from periln_megatron.train import transformer_config
+
+    r = single_process_recipe(recipe)
+    config = transformer_config(r)
+    if dtype is not None:
+        config.params_dtype = dtype
+    config.perform_initialization = initialize
+    m = r.model
+    model = build_gpt_model(config, placement=m.placement, backend=m.backend, embedding_norm=m.embedding_norm,
+                            vocab_size=padded_vocab, max_sequence_length=m.seq_length, rotary_base=m.rotary_base,
+                            share_embeddings_and_output_weights=not m.untie_embeddings, pre_process=True,
+                            post_process=True)
+    return model.to(config.params_dtype)
+
+
+@torch.no_grad()
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] -> [batch, seq, padded vocab] with a causal mask (megatron's default)."""
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None)
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, new_tokens: int, vocab: int) -> torch.Tensor:
+    """Greedy decoding without a KV cache, restricted to the real (unpadded) vocabulary."""
+    tokens = prompt
+    for _ in range(new_tokens):
+        nxt = logits(model, tokens)[:, -1, :vocab].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    return tokens

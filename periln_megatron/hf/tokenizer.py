@@ -1,0 +1,184 @@
+"""Tokenizer files for an HF export: a SentencePiece .model becomes a fast tokenizer (tokenizer.json
+built with `tokenizers` from the model's own pieces, merges and normalizer settings, checked id
+for id against SentencePiece); a Hugging Face tokenizer is carried over as it is."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+PROBES = ("Hello world", "  leading and  double  spaces ", "tabs\tand\nnewlines\n\nx", "ÉtÉ café naïve",
+          "中文 测试 😀", "<unk> <s> </s> literally", "1234567 3.14159", "a\u00a0b\u3000c", "", " ", "\u2581x \u2581\u2581")
+
+
+class TokenizerExportError(ValueError):
+    pass
+
+
+def _fields(buf: bytes):
+    """(field number, value) of a protobuf message: ints for varints/fixed32, bytes for length-delimited."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise TokenizerExportError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def _varint(buf: bytes, i: int):
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def read_spm(path: str | Path) -> dict:
+    """Pieces (piece, score, type) plus the trainer/normalizer settings that decide encoding."""
+    pieces, trainer, normalizer = [], {}, {}
+    for field, value in _fields(Path(path).read_bytes()):
+        if field == 1:
+            p = {1: b"", 2: struct.pack("<f", 0.0), 3: NORMAL}
+            p.update(dict(_fields(value)))
+            pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p[2])[0], p[3]))
+        elif field == 2:
+            trainer = dict(_fields(value))
+        elif field == 3:
+            normalizer = dict(_fields(value))
+    return {
+        "pieces": pieces,
+        "model_type": trainer.get(3, 1),  # 1 unigram, 2 bpe
+        "byte_fallback": bool(trainer.get(35, 0)),
+        "treat_whitespace_as_suffix": bool(trainer.get(24, 0)),
+        "precompiled_charsmap": normalizer.get(2, b""),
+        "add_dummy_prefix": bool(normalizer.get(3, 1)),
+        "remove_extra_whitespaces": bool(normalizer.get(4, 1)),
+        "escape_whitespaces": bool(normalizer.get(5, 1)),
+    }
+
+
+def build_fast_from_spm(model_path: str | Path):
+    """A `tokenizers.Tokenizer` that encodes like SentencePiece (no BOS/EOS added, as megatron's
+    SentencePieceTokenizer encodes documents)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    spm = read_spm(model_path)
+    if spm["treat_whitespace_as_suffix"]:
+        raise TokenizerExportError(f"{model_path}: treat_whitespace_as_suffix is not supported")
+    pieces = spm["pieces"]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    unk = next((i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN), None)
+    if spm["model_type"] == 2:
+        from transformers.tokenization_utils_base import generate_merges
+
+        # SentencePiece BPE merges the pair whose result scores highest; scores fall with the id
+        scores = {p: s for p, s, t in pieces if t in (NORMAL, USER_DEFINED)}
+        model = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=pieces[unk][0] if unk is not None else None,
+                           fuse_unk=True, byte_fallback=spm["byte_fallback"], dropout=None)
+    elif spm["model_type"] == 1:
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk, byte_fallback=spm["byte_fallback"])
+    else:
+        raise TokenizerExportError(f"{model_path}: SentencePiece model type {spm['model_type']} (word/char) is not supported")
+    tok = Tokenizer(model)
+    steps = []
+    if spm["precompiled_charsmap"]:
+        steps.append(normalizers.Precompiled(spm["precompiled_charsmap"]))
+    if spm["remove_extra_whitespaces"]:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spm["add_dummy_prefix"]:
+        steps.append(normalizers.Prepend(" "))
+    if spm["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    # Pieces never span a word boundary when no piece holds "\u2581" after its first character:
+    # then splitting at "\u2581" first is exact, and keeps BPE's work per word.
+    if spm["model_type"] == 2 and not any("\u2581" in p[1:] for p, _, t in pieces if t == NORMAL):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spm["add_dummy_prefix"]:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(dec)
+    # user-defined symbols are always one piece (SentencePiece matches them in text);
+    # control symbols (<s>, </s>, ...) are never produced from text, so they are not added tokens
+    user = [AddedToken(p, normalized=False, special=False) for p, _, t in pieces if t == USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    return tok, spm
+
+
+def _special_tokens(pieces) -> dict:
+    names = {}
+    for i, (p, _, t) in enumerate(pieces):
+        if t == UNKNOWN:
+            names.setdefault("unk_token", p)
+        elif t == CONTROL and p in ("<s>", "<bos>", "<|begin_of_text|>"):
+            names.setdefault("bos_token", p)
+        elif t == CONTROL and p in ("</s>", "<eos>", "<|endoftext|>", "<eod>", "<EOD>"):
+            names.setdefault("eos_token", p)
+        elif t == CONTROL and p in ("<pad>", "<PAD>"):
+            names.setdefault("pad_token", p)
+    return names
+
+
+def export_sentencepiece(model_path: str | Path, out_dir: Path, max_length: int) -> dict:
+    import sentencepiece
+    from transformers import PreTrainedTokenizerFast
+
+    tok, spm = build_fast_from_spm(model_path)
+    special = _special_tokens(spm["pieces"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, clean_up_tokenization_spaces=False,
+                                   split_special_tokens=True, **special)
+    fast.save_pretrained(str(out_dir))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    check_ids(sp, PreTrainedTokenizerFast.from_pretrained(str(out_dir)), PROBES, str(model_path))
+    return {f"{k[:-6]}_token_id": sp.piece_to_id(v) for k, v in special.items() if k != "unk_token"}
+
+
+def check_ids(sp, fast, texts, name: str) -> None:
+    for text in texts:
+        want, got = sp.encode(text), fast(text, add_special_tokens=False)["input_ids"]
+        if want != got:
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            raise TokenizerExportError(
+                f"{name}: the converted fast tokenizer disagrees with SentencePiece on {text[:80]!r} at token {at}: "
+                f"{want[at:at + 5]} vs {got[at:at + 5]}")
+
+
+def export_huggingface(path: str | Path, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    tok = (PreTrainedTokenizerFast(tokenizer_file=str(p)) if p.is_file() and p.suffix == ".json"
+           else AutoTokenizer.from_pretrained(str(p), local_files_only=True))
+    tok.save_pretrained(str(out_dir))
+    return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(tok, k) is not None}
+
+
+def export_tokenizer(tokenizer_type: str | None, path: str | None, out_dir: Path, max_length: int) -> dict:
+    """Write the tokenizer files into out_dir; return the special token ids for config.json."""
+    if not tokenizer_type:
+        return {}
+    if not path or not Path(path).exists():
+        raise TokenizerExportError(f"tokenizer file {path!r} (recipe tokenizer.model) not found; pass --tokenizer PATH "
+                                   "or --skip-tokenizer")
+    if tokenizer_type in SENTENCEPIECE_TYPES:
+        return export_sentencepiece(path, out_dir, max_length)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return export_huggingface(path, out_dir)
+    raise TokenizerExportError(f"tokenizer type {tokenizer_type} cannot be exported as a Hugging Face tokenizer; "
+                               "convert it separately and pass --skip-tokenizer")

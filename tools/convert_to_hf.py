@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Export a megatron-core torch_dist checkpoint (any TP/PP layout) to a Hugging Face model directory.
+
+    python tools/convert_to_hf.py CHECKPOINT_DIR OUTPUT_DIR [--dtype bf16] [--iteration N]
+
+CHECKPOINT_DIR is a run's checkpoint root (the newest iteration, or --iteration N, is exported)
+or one iter_XXXXXXX directory; the recipe.yaml saved beside the weights gives the model's shape.
+Peri-LN (RMSNorm) becomes HyperCLOVAX (use_post_norm: true), Pre-LN (RMSNorm) becomes Llama;
+other placements, LayerNorm and the embedding norm are refused (no stock architecture computes
+them). Output: safetensors (sharded, with an index, above --max-shard-size), config.json,
+generation_config.json and the tokenizer (SentencePiece -> fast tokenizer.json; HF carried over).
+Runs in one CPU process, tensor by tensor; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", type=Path, help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* directory")
+    parser.add_argument("output_dir", type=Path, help="HF model directory to create (written to a temporary sibling, then renamed)")
+    parser.add_argument("--iteration", type=int, help="iteration to export (default: the marker's, i.e. the newest)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="weights' dtype (default: the training dtype: fp32 -> fp32, bf16/fp8 -> bf16, fp16 -> fp16)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default 2GB)")
+    parser.add_argument("--tokenizer", help="tokenizer file/dir to use instead of the recipe's tokenizer.model (e.g. moved since training)")
+    parser.add_argument("--skip-tokenizer", action="store_true", help="write no tokenizer files")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
+    args = parser.parse_args(argv)
+
+    from periln_megatron.hf.export import convert_to_hf
+    from periln_megatron.hf.safetensors_io import parse_size
+
+    def log(msg):
+        if not (args.quiet and msg.startswith("  [")):
+            print(msg, flush=True)
+
+    try:
+        convert_to_hf(args.checkpoint_dir, args.output_dir, iteration=args.iteration, dtype=args.dtype,
+                      max_shard_size=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
+                      skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite, log=log)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"convert_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
