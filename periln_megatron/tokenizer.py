@@ -205,8 +205,8 @@ class SentencePieceTokenizer(Tokenizer):
             for i, ids in zip(special, self.sp.encode([texts[i] for i in special])):
                 parts[i], lengths[i] = np.asarray(ids, np.int32), len(ids)
             return np.concatenate(parts).astype(np.int32, copy=False), lengths
-        per_text = [t.split(" ") for t in texts]
-        words = list(chain.from_iterable(per_text))
+        # " ".join(texts).split(" ") is each text's words in turn; a text has count(" ") + 1 words
+        words = " ".join(texts).split(" ")
         slots = list(map(self._slots.get, words))
         if None in slots:
             self._add_words(list(set(words).difference(self._slots)))
@@ -216,7 +216,7 @@ class SentencePieceTokenizer(Tokenizer):
         ends = np.cumsum(lens)
         total = int(ends[-1]) if len(ends) else 0
         flat = self._store[np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lens), lens)]
-        word_ends = np.cumsum(np.fromiter(map(len, per_text), np.int64, len(per_text)))
+        word_ends = np.cumsum(np.fromiter((t.count(" ") + 1 for t in texts), np.int64, len(texts)))
         tok_ends = np.concatenate(([0], ends))[word_ends]
         return flat, np.diff(np.concatenate(([0], tok_ends)))
 

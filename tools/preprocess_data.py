@@ -137,17 +137,26 @@ def _init_worker(tokenizer_type, tokenizer_model, keys, append_eod, segment_cach
     _W.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=np.dtype(dtype))
 
 
-def encode_block(first_line: int, data: bytes) -> dict:
-    """Parse and tokenize one block of JSONL lines. Returns tokens per key and the bad lines."""
-    keys, loads = _W["keys"], json.loads
+def _parse_fast(lines: list[bytes], keys) -> dict | None:
+    """All lines in one json.loads call (as one JSON array); None if any line needs a closer look."""
+    try:
+        objs = json.loads(b"[" + b",".join(lines) + b"]")
+        if len(objs) != len(lines):  # a line holding "1, 2" parses as two values
+            return None
+        texts = {k: [o[k] for o in objs] for k in keys}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    if all(type(t) is str for k in keys for t in texts[k]):
+        return texts
+    return None
+
+
+def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list) -> dict:
+    """Line by line, recording (line, reason, message) for each bad one."""
     texts = {k: [] for k in keys}
-    errors, blank = [], 0
-    for lineno, line in enumerate(data.split(b"\n"), start=first_line):
-        if not line.strip():
-            blank += 1
-            continue
+    for lineno, line in lines:
         try:
-            obj = loads(line)
+            obj = json.loads(line)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             errors.append((lineno, REASONS[0], f"malformed JSON: {exc}"))
             continue
@@ -167,7 +176,18 @@ def encode_block(first_line: int, data: bytes) -> dict:
         else:
             for k, v in zip(keys, values):
                 texts[k].append(v)
-    blank -= data.endswith(b"\n")  # the split leaves one empty piece after the final newline
+    return texts
+
+
+def encode_block(first_line: int, data: bytes) -> dict:
+    """Parse and tokenize one block of JSONL lines. Returns tokens per key and the bad lines."""
+    keys = _W["keys"]
+    numbered = [(n, line) for n, line in enumerate(data.split(b"\n"), start=first_line) if line.strip()]
+    blank = data.count(b"\n") + (not data.endswith(b"\n")) - len(numbered)
+    errors = []
+    texts = _parse_fast([line for _, line in numbered], keys) if numbered else {k: [] for k in keys}
+    if texts is None:
+        texts = _parse_slow(numbered, keys, errors)
     out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}}
     tok, eod, dtype = _W["tok"], _W["eod"], _W["dtype"]
     for k in keys:
