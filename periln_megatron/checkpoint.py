@@ -93,6 +93,19 @@ def _torch_adams(optimizer) -> list:
     return [o for o in inners if isinstance(o, torch.optim.Adam)]  # AdamW subclasses Adam
 
 
+def _allocate_adam_state(optimizer) -> list:
+    """Zero state (step 0) for parameters torch's Adam has not stepped yet: in a fresh process, or
+    while fp16 loss scaling skips the first steps. megatron-core's state dict needs it."""
+    adams = _torch_adams(optimizer)
+    for adam in adams:
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
+    return adams
+
+
 @contextlib.contextmanager
 def _torch_adam_load_fixes(optimizer):
     """Load megatron-core 0.16.1's reshardable optimizer state into torch's Adam (no apex/TE, e.g. CPU).
@@ -102,13 +115,7 @@ def _torch_adam_load_fixes(optimizer):
     reshardable copy expects a source for every state key (there is none for `step`), and the step
     it restores is one tensor shared by all parameters, which Adam then increments once per parameter.
     """
-    adams = _torch_adams(optimizer)
-    for adam in adams:
-        for group in adam.param_groups:
-            for param in group["params"]:
-                if not adam.state[param]:
-                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
-                                         "exp_avg_sq": torch.zeros_like(param)}
+    adams = _allocate_adam_state(optimizer)
     if not adams:
         yield
         return
@@ -147,8 +154,13 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, async_queue=None) -> Path:
-    """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones."""
+def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, keep: int,
+         async_queue=None) -> Path:
+    """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones.
+
+    With `async_queue` (megatron's AsyncCallsQueue, GPU) the tensors are written in the background and
+    the marker moves when the queue finalizes the request.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -160,6 +172,7 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
         target.mkdir(parents=True)
     torch.distributed.barrier()
 
+    _allocate_adam_state(optimizer)
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["rng_state"] = _rng_object()
     state["iteration"] = iteration
@@ -171,6 +184,8 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
         if rank == 0:
             (target / "recipe.yaml").write_text(recipe_yaml)
             _publish(root, iteration)
+            prune(root, keep)
+            print(f"saved checkpoint iteration {iteration} to {target}", flush=True)
         torch.distributed.barrier()
 
     if async_queue is not None:

@@ -212,6 +212,11 @@ def _type_ok(value, annotation) -> tuple[bool, object]:
         annotation = next(a for a in args if a is not type(None))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return True, float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, value
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is bool:

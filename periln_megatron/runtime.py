@@ -7,9 +7,12 @@ real DDP, distributed optimizer and pipeline schedules run unmodified on a lapto
 1. `torch.cuda.current_device()` and friends -> answered for the CPU (device index 0, no-op
    synchronize/set_device, a dummy stream), see `_patch_torch_cuda`.
 2. The CUDA RNG tracker -> `model_parallel_cuda_manual_seed(..., inference_rng_tracker=True)`,
-   whose tracker never touches CUDA RNG state (see `initialize`).
+   whose tracker never touches CUDA RNG state (see `initialize`); activation recompute's reads of
+   the CUDA RNG state get the CPU generator's, which is the one dropout draws from on a CPU.
 3. Hard-coded `device="cuda"` / `.cuda()` in the pipeline schedules and DDP buffers -> the
-   `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu.
+   `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu. Autograd runs backward functions
+   without the mode, so activation recompute's forward-inside-backward (megatron's
+   CheckpointFunction) enters it again.
 4. The optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks -> `Tensor.type()` with no
    argument reports a CPU float tensor under its CUDA type name.
 
@@ -210,6 +213,7 @@ def _patch_torch_cuda() -> None:
     cuda.empty_cache = lambda: None
     cuda.memory_allocated = lambda device=None: 0
     cuda.max_memory_allocated = lambda device=None: 0
+    cuda.get_rng_state = cuda.random.get_rng_state = lambda device="cuda": torch.get_rng_state()
 
     original_type = torch.Tensor.type
 
@@ -222,12 +226,25 @@ def _patch_torch_cuda() -> None:
     torch.Tensor.type = type_as_if_on_cuda
 
 
+def _recompute_under_mode() -> None:
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    original = CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpu():
+            return original(ctx, *grads)
+
+    CheckpointFunction.backward = staticmethod(backward)
+
+
 def cpu_shims() -> None:
     """Let megatron-core's CUDA-only paths run on the CPU. No-op when CUDA is available."""
     global _CPU_SHIMS_INSTALLED
     if torch.cuda.is_available() or _CPU_SHIMS_INSTALLED:
         return
     _patch_torch_cuda()
+    _recompute_under_mode()
     _CudaToCpu().__enter__()  # for the life of the process
     _CPU_SHIMS_INSTALLED = True
 

@@ -131,6 +131,11 @@ def build_optimizer(recipe: Recipe, config, chunks):
         overlap_param_gather_with_optimizer_step=False,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    # Called by the schedule: DP grad reduction + SP norm-grad all-reduce after the backward; fp16 loss scaling.
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
     decay_steps = max(t.steps * t.global_batch_size, 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
@@ -239,20 +244,26 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
         if rank0:
             print(f"initial weights from {recipe.checkpoint.load}", flush=True)
 
-    def save(it):
+    async_queue = None
+    if recipe.checkpoint.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
+
+    def save(it, blocking=False):
         if ckpt_root is None:
             return
-        target = checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml())
-        if rank0:
-            checkpoint.prune(ckpt_root, recipe.checkpoint.keep)
-            print(f"saved checkpoint iteration {it} to {target}", flush=True)
+        checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml(), recipe.checkpoint.keep,
+                        async_queue=async_queue)
+        if async_queue is not None and blocking:
+            async_queue.maybe_finalize_async_calls(blocking=True)
 
     metrics = MetricsLog(run_dir, enabled=rank0, tensorboard=recipe.logging.tensorboard, total_steps=t.steps)
     diagnostics = None
     if recipe.diagnostics.interval:
         from periln_megatron.diagnostics import Diagnostics
 
-        diagnostics = Diagnostics(chunks, recipe.diagnostics, config)
+        diagnostics = Diagnostics(chunks, recipe.diagnostics, config, optimizer)
     flops_per_token = model_flops_per_token(recipe, vocab)
     tokens_per_step = t.global_batch_size * recipe.model.seq_length
     for chunk in chunks:
@@ -283,14 +294,19 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
                       "skipped": not updated}
             if torch.cuda.is_available():
                 record["mfu"] = flops_per_token * tokens_per_step / elapsed / (env.world_size * H100_BF16_PEAK_FLOPS)
+            if diagnostics is not None:  # spike check every step (scalars); per-layer stats on measured steps
+                record.update(diagnostics.observe(loss, grad_norm if updated else None))
             if measure:
-                record.update(diagnostics.finish(layer_grads, loss, grad_norm))
+                record.update(diagnostics.finish(layer_grads))
             if t.eval_interval and iteration % t.eval_interval == 0:
                 record["valid_loss"] = evaluate(chunks, valid_batches, recipe, iteration)
-            if iteration % recipe.logging.interval == 0 or iteration == t.steps or "valid_loss" in record:
+            if (iteration % recipe.logging.interval == 0 or iteration == t.steps or "valid_loss" in record
+                    or measure or "spike" in record):
                 metrics.log(record)
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=False)
             if stopping:
-                save(iteration)
+                save(iteration, blocking=True)
                 if rank0:
                     print(f"stopping at step {iteration} ({stop.reason or 'another rank was signalled'}); "
                           f"exit {EXIT_REQUEUE} to requeue", flush=True)
@@ -299,13 +315,17 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             if interval and iteration % interval == 0 and iteration < t.steps:
                 save(iteration)
         if recipe.checkpoint.save_at_end and checkpoint.latest_iteration(ckpt_root) != iteration:
-            save(iteration)
+            save(iteration, blocking=True)
+        elif async_queue is not None:
+            async_queue.maybe_finalize_async_calls(blocking=True)
         if t.eval_interval and valid_batches is not None:
             final = evaluate(chunks, valid_batches, recipe, iteration)
             metrics.log({"step": iteration, "final_valid_loss": final})
         return EXIT_FINISHED
     finally:
         metrics.close()
+        if async_queue is not None:
+            async_queue.close()
 
 
 def evaluate(chunks, batches, recipe, iteration) -> float:

@@ -42,7 +42,8 @@ def load_checkpoint_recipe(iter_dir: Path):
     path = iter_dir / "recipe.yaml"
     if not path.is_file():
         raise CheckpointReadError(f"{path} not found: the converter needs the recipe that wrote the checkpoint")
-    return load_recipe(path, check_environment=False)
+    # the data section is irrelevant here (an imported model's recipe has none yet)
+    return load_recipe(path, ["data.synthetic=true", "data.prefixes=[]"], check_environment=False)
 
 
 def true_vocab_size(recipe) -> int:
