@@ -21,6 +21,7 @@ def main():
     from periln_megatron.hf.export import load_checkpoint_recipe, true_vocab_size
 
     recipe = load_checkpoint_recipe(iter_dir)
+    recipe.precision.preset = "fp32"  # compare in fp32 (bf16 checkpoints are upcast on load)
     megatron_side.init_single_process()
     padded = megatron_side.single_process_recipe(recipe).padded_vocab_size()
     model = megatron_side.build_model(recipe, padded, torch.float32)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Import a Hugging Face HyperCLOVAX (use_post_norm: true) or Llama model as a megatron-core checkpoint.
+
+    python tools/convert_from_hf.py HF_DIR CHECKPOINT_DIR [--recipe-out FILE]
+
+Writes CHECKPOINT_DIR/iter_0000000 (torch_dist, loadable under any TP/PP), its recipe.yaml and
+CHECKPOINT_DIR/latest_checkpointed_iteration.txt. The recipe's model section comes from
+config.json, its tokenizer section points at HF_DIR (HuggingFaceTokenizer) and checkpoint.load at
+the new iteration, so a run started from it (after setting data.prefixes) begins from these
+weights; or resume from CHECKPOINT_DIR. Models we cannot represent exactly are refused: MuP
+multipliers other than 1 (attention_multiplier other than head_dim**-0.5), biases, RoPE scaling,
+activations other than SiLU. Runs in one CPU process (a world-size-1 gloo group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hf_dir", type=Path, help="HF model directory (config.json + safetensors)")
+    parser.add_argument("checkpoint_dir", type=Path, help="checkpoint root to create (iter_0000000 goes inside)")
+    parser.add_argument("--recipe-out", type=Path, help="also write the recipe here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing iter_0000000")
+    parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
+    args = parser.parse_args(argv)
+
+    from periln_megatron.hf.importer import convert_from_hf
+
+    def log(msg):
+        if not (args.quiet and msg.startswith("  [")):
+            print(msg, flush=True)
+
+    try:
+        convert_from_hf(args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        print(f"convert_from_hf: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from periln_megatron import runtime
+
+        runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
