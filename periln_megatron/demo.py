@@ -182,7 +182,7 @@ def write_report(out: Path, summaries: dict, sample: str, plots: list[Path], cor
             ("variance, first layer", "variance_first", "{:.3g}"), ("variance, last layer", "variance_last", "{:.3g}"),
             ("variance growth, last / first layer", "variance_ratio", "{:.2f}x"),
             ("fitted growth per layer", "growth_per_layer", "{:.3f}x"),
-            ("max |activation| (residual stream)", "max_abs_activation", "{:.1f}")]
+            ("max \\|activation\\| (residual stream)", "max_abs_activation", "{:.1f}")]
     for title, key, fmt in rows:
         cells = [fmt.format(summaries[p][key]) if summaries[p][key] is not None else "n/a" for p, _ in RUNS]
         lines.append(f"| {title} | {' | '.join(cells)} |")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     parser.add_argument("--input", nargs="+", help="your own .jsonl (text field) or .txt files instead")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per model (default: 200)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per model (default: 150)")
     parser.add_argument("--layers", type=int, default=12, help="model depth, even (default: 12)")
     parser.add_argument("--vocab-size", type=int, default=2000)
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = out / "tokenizer" / "spm"
     if not tok.with_suffix(".model").exists():
         run_tool([TOOLS / "train_tokenizer.py", "--input", corpus, "--model-prefix", tok,
-                  "--vocab-size", args.vocab_size, "--model-type", "bpe"], "training a SentencePiece BPE tokenizer")
+                  "--vocab-size", args.vocab_size, "--model-type", "bpe", "--normalization", "nmt_nfkc"],
+                 "training a SentencePiece BPE tokenizer")  # nmt_nfkc: what HF's fast tokenizer reproduces
     prefix = out / "data" / "corpus_text_document"
     if not prefix.with_suffix(".idx").exists():
         run_tool([TOOLS / "preprocess_data.py", "--input", corpus, "--output-prefix", out / "data" / "corpus",
