@@ -1,0 +1,183 @@
+"""Diagnostics: per-layer variance / max |activation| / grad norm, invariant under TP, TP+SP, PP (and DP);
+the spike detector; plot_diagnostics on real Peri-LN and Pre-LN runs."""
+
+import json
+import math
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import run, run_torchrun
+
+from periln_megatron.diagnostics import LAYER_KEYS, SpikeDetector
+
+TRAIN = ["-m", "periln_megatron.train", "--recipe"]
+NUM_LAYERS = 4  # recipes/tiny
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault(record["step"], {}).update(record)
+    return out
+
+
+# ----------------------------------------------------------------------------- spike detector
+
+def test_spike_detector_flags_values_above_factor_times_running_median():
+    det = SpikeDetector(window=4, factor=3.0, min_history=3)
+    assert det.update(loss=10.0) == []  # not enough history yet: no verdict
+    assert det.update(loss=100.0) == []
+    assert det.update(loss=2.0) == []
+    # history [10, 100, 2]: median 10; 29 is below 3x, 31 above
+    assert det.update(loss=29.0) == []
+    history = list(det.history["loss"])
+    assert history == [10.0, 100.0, 2.0, 29.0]
+    (msg,) = det.update(loss=200.0)  # window 4 -> median of [10, 100, 2, 29] = 19.5
+    assert msg == "loss 200 > 3x median 19.5"
+    assert list(det.history["loss"]) == [100.0, 2.0, 29.0, 200.0]  # the window slides, spikes included
+
+
+def test_spike_detector_series_with_one_spike_per_quantity():
+    det = SpikeDetector(window=50, factor=3.0)
+    losses = [2.9 + (0.05 if i % 2 else -0.05) for i in range(30)]  # median 2.9
+    grads = [1.0 + 0.02 * (i % 3) for i in range(30)]
+    losses[20] = 9.1
+    grads[25] = 5.0
+    found = {}
+    for step, (loss, grad) in enumerate(zip(losses, grads)):
+        for msg in det.update(loss=loss, grad_norm=grad):
+            found.setdefault(step, []).append(msg)
+    assert sorted(found) == [20, 25]
+    assert found[20] == ["loss 9.1 > 3x median 2.9"]
+    assert found[25] == ["grad_norm 5 > 3x median 1.02"]
+
+
+def test_spike_detector_ignores_missing_and_nonfinite():
+    det = SpikeDetector(window=10, factor=2.0, min_history=2)
+    for value in (1.0, None, float("nan"), 1.0, float("inf")):
+        assert det.update(grad_norm=value) == []
+    assert list(det.history["grad_norm"]) == [1.0, 1.0]
+    assert det.update(grad_norm=2.5) == ["grad_norm 2.5 > 2x median 1"]
+    with pytest.raises(ValueError):
+        SpikeDetector(window=0)
+
+
+# ----------------------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Peri-LN and Pre-LN tiny runs, 2 ranks at TP=1 (so DP=2). Peri-LN measures every step and saves at
+    step 2, the starting point of the layout comparison; Pre-LN measures every 2nd step and logs every 3rd."""
+    root = tmp_path_factory.mktemp("diag_runs")
+    settings = {"peri": ["diagnostics.interval=1", "checkpoint.interval=2"],
+                "pre": ["diagnostics.interval=2", "logging.interval=3"]}
+    dirs = {}
+    for placement, extra in settings.items():
+        d = root / placement
+        run_torchrun(2, [*TRAIN, f"recipes/tiny/{placement}_ln.yaml", "--set", "train.steps=4", *extra,
+                         f"checkpoint.dir={d}"], timeout=300)
+        dirs[placement] = d
+    return dirs
+
+
+def check_layer_lists(r: dict) -> None:
+    for key in LAYER_KEYS:
+        assert len(r[key]) == NUM_LAYERS and all(isinstance(v, float) and math.isfinite(v) and v > 0
+                                                 for v in r[key]), (key, r[key])
+    # per-layer grads are a subset of all grads (embedding and output layer excluded)
+    assert math.sqrt(sum(g * g for g in r["layer_grad_norm"])) <= r["grad_norm"] * (1 + 1e-6)
+    # a max is at least a standard deviation
+    assert all(m >= math.sqrt(v) for m, v in zip(r["layer_max_abs"], r["layer_variance"]))
+
+
+def test_measured_steps_are_logged_with_complete_per_layer_lists(tiny_runs):
+    peri, pre = records(tiny_runs["peri"]), records(tiny_runs["pre"])
+    assert sorted(peri) == [1, 2, 3, 4]
+    for r in peri.values():
+        check_layer_lists(r)
+    # Pre-LN: logging.interval=3 logs step 3 and the last; the measured steps 2 and 4 are logged anyway
+    assert sorted(pre) == [2, 3, 4]
+    assert not any(key in pre[3] for key in LAYER_KEYS)
+    check_layer_lists(pre[2])
+    check_layer_lists(pre[4])
+
+
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def layout_records(tiny_runs, tmp_path_factory):
+    """Step 3 under each layout, resumed (resharded) from the TP=1 Peri-LN run's step-2 checkpoint: the
+    same weights and the same global batch as that run's step 3, the reference."""
+    source = tiny_runs["peri"]
+    assert (source / "iter_0000002").is_dir()
+    out = {}
+    for name, layout in LAYOUTS.items():
+        d = tmp_path_factory.mktemp(f"layout_{name}")
+        shutil.copytree(source / "iter_0000002", d / "iter_0000002")
+        (d / "latest_checkpointed_iteration.txt").write_text("2\n")
+        result = run_torchrun(2, ["tests/workers/diag_train.py", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
+                                  *layout, "train.steps=3", "diagnostics.interval=1", f"checkpoint.dir={d}",
+                                  "checkpoint.save_at_end=false"], timeout=300)
+        assert "resumed from iteration 2" in result.stdout
+        out[name] = records(d)[3]
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_diagnostics_identical_across_layouts(tiny_runs, layout_records, layout):
+    ref, got = records(tiny_runs["peri"])[3], layout_records[layout]
+    check_layer_lists(got)
+    for key in LAYER_KEYS:
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+    # the step itself agrees too: the loss, and the global grad norm (gradients reduced over DP and SP)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- plotting
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_diagnostics_writes_valid_pngs(tiny_runs, tmp_path):
+    out = tmp_path / "plots"
+    result = run([sys.executable, "tools/plot_diagnostics.py", str(tiny_runs["peri"]), str(tiny_runs["pre"]),
+                  "--out", str(out)], timeout=120)
+    names = {"variance_vs_depth.png", "max_abs_vs_depth.png", "loss.png", "grad_norm.png"}
+    assert {p.name for p in out.iterdir()} == names, result.stdout
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        width, height = struct.unpack(">II", data[16:24])  # IHDR
+        assert width > 100 and height > 100, name
+        image = mpimg.imread(out / name)
+        assert image.shape[:2] == (height, width) and image.std() > 0, name  # decodes, and is not blank
+
+
+def test_plot_diagnostics_help_and_errors(tmp_path):
+    tool = [sys.executable, "tools/plot_diagnostics.py"]
+    helptext = run([*tool, "--help"]).stdout
+    assert "RUN_DIR" in helptext and "--out" in helptext and "variance" in helptext
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "recipe.yaml").write_text("name: x\nmodel: {placement: peri}\n")
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    result = run([*tool, str(tmp_path / "bad"), "--out", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'bad' / 'metrics.jsonl'}:2: invalid JSON" in result.stdout
+    result = run([*tool, str(tmp_path / "missing"), "--out", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2 and str(tmp_path / "missing") in result.stdout

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Plot Peri-LN diagnostics from one or more training runs, overlaid (e.g. Peri-LN vs Pre-LN).
+
+Each RUN_DIR is a trainer run directory holding metrics.jsonl and recipe.yaml (the recipe's `name`
+and `model.placement` label the run). Writes into --out:
+
+  variance_vs_depth.png   hidden-state variance after each layer, at several measured steps (log scale)
+  max_abs_vs_depth.png    max |activation| after each layer ("massive activations"), same steps
+  loss.png                training loss per step, and valid_loss where present; spikes marked
+  grad_norm.png           global grad norm per step, and per-layer grad norm at the last measured step
+
+The per-layer plots need a run trained with `diagnostics.interval > 0`; runs without diagnostics
+still get loss and grad-norm curves.
+
+Example:
+  python tools/plot_diagnostics.py runs/peri-400m runs/pre-400m --out plots/400m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import yaml  # noqa: E402
+
+PALETTES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+SOLID = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:gray")
+
+
+class PlotError(Exception):
+    pass
+
+
+class Run:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise PlotError(f"{self.dir}: not a directory")
+        self.label = self._label(self.dir / "recipe.yaml")
+        self.records = self._records(self.dir / "metrics.jsonl")
+
+    @staticmethod
+    def _label(path: Path) -> str:
+        if not path.is_file():
+            raise PlotError(f"{path}: not found (expected the recipe.yaml the trainer writes into its run dir)")
+        try:
+            recipe = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PlotError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(recipe, dict):
+            raise PlotError(f"{path}: expected a mapping, got {type(recipe).__name__}")
+        name = recipe.get("name") or path.parent.name
+        placement = (recipe.get("model") or {}).get("placement")
+        pretty = {"peri": "Peri-LN", "pre": "Pre-LN", "post": "Post-LN", "output": "Output-LN"}.get(placement, placement)
+        return f"{name} ({pretty})" if pretty else str(name)
+
+    @staticmethod
+    def _records(path: Path) -> dict[int, dict]:
+        """step -> record; later lines (e.g. after a resume) override earlier ones key by key."""
+        if not path.is_file():
+            raise PlotError(f"{path}: not found")
+        out: dict[int, dict] = {}
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PlotError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise PlotError(f"{path}:{lineno}: expected an object with an integer `step`")
+            out.setdefault(record["step"], {}).update(record)
+        if not out:
+            raise PlotError(f"{path}: no records")
+        return dict(sorted(out.items()))
+
+    def series(self, key: str) -> tuple[list[int], list]:
+        steps = [s for s, r in self.records.items() if isinstance(r.get(key), (int, float))]
+        return steps, [self.records[s][key] for s in steps]
+
+    def measured(self, key: str) -> list[tuple[int, list]]:
+        return [(s, r[key]) for s, r in self.records.items() if isinstance(r.get(key), list) and r[key]]
+
+
+def pick_steps(steps: list[int], count: int) -> list[int]:
+    """Up to `count` steps spread evenly over `steps`, always including the first and the last."""
+    if len(steps) <= count:
+        return steps
+    if count == 1:
+        return steps[-1:]
+    picks = {steps[round(i * (len(steps) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+def _clean(values: list) -> list[float]:
+    return [float("nan") if v is None else v for v in values]
+
+
+def depth_plot(runs: list[Run], key: str, ylabel: str, title: str, path: Path, num_steps: int) -> bool:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, run in enumerate(runs):
+        measured = dict(run.measured(key))
+        steps = pick_steps(list(measured), num_steps)
+        cmap = plt.get_cmap(PALETTES[i % len(PALETTES)])
+        for j, step in enumerate(steps):
+            values = _clean(measured[step])
+            shade = 0.35 + 0.6 * (j + 1) / len(steps)
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, color=cmap(shade),
+                    label=f"{run.label}, step {step}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=max(1, len(runs)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def loss_plot(runs: list[Run], path: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, run in enumerate(runs):
+        color = SOLID[i % len(SOLID)]
+        steps, losses = run.series("loss")
+        if steps:
+            ax.plot(steps, losses, color=color, label=f"{run.label} train")
+            drawn = True
+        vsteps, vlosses = run.series("valid_loss")
+        if vsteps:
+            ax.plot(vsteps, vlosses, color=color, linestyle="--", marker="s", markersize=3,
+                    label=f"{run.label} valid")
+            drawn = True
+        spikes = [s for s in steps if run.records[s].get("spike")]
+        if spikes:
+            ax.scatter(spikes, [run.records[s]["loss"] for s in spikes], marker="x", color="red", zorder=3,
+                       label=f"{run.label} spikes")
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def grad_plot(runs: list[Run], path: Path) -> bool:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn_left = drawn_right = False
+    for i, run in enumerate(runs):
+        color = SOLID[i % len(SOLID)]
+        steps, norms = run.series("grad_norm")
+        finite = [(s, n) for s, n in zip(steps, norms) if n == n and n > 0]
+        if finite:
+            left.plot([s for s, _ in finite], [n for _, n in finite], color=color, label=run.label)
+            drawn_left = True
+        measured = run.measured("layer_grad_norm")
+        if measured:
+            step, values = measured[-1]
+            values = _clean(values)
+            right.plot(range(1, len(values) + 1), values, color=color, marker="o", markersize=3,
+                       label=f"{run.label}, step {step}")
+            drawn_right = True
+    if not (drawn_left or drawn_right):
+        plt.close(fig)
+        return False
+    left.set_title("Global grad norm (before clipping)")
+    left.set_xlabel("step")
+    right.set_title("Per-layer grad norm, last measured step")
+    right.set_xlabel("layer")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax, drawn in ((left, drawn_left), (right, drawn_right)):
+        if drawn:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data (diagnostics.interval = 0?)", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_ylabel("grad norm")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]).rstrip() + "\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a trainer run directory (metrics.jsonl + recipe.yaml); give several to overlay them")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs (created if needed)")
+    parser.add_argument("--steps", type=int, default=4, metavar="N",
+                        help="how many measured steps the depth plots show per run (default 4: first to last)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    try:
+        runs = [Run(Path(d)) for d in args.run_dirs]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        plots = [
+            ("variance_vs_depth.png", lambda p: depth_plot(runs, "layer_variance", "variance of the residual stream",
+                                                           "Hidden-state variance vs depth", p, args.steps)),
+            ("max_abs_vs_depth.png", lambda p: depth_plot(runs, "layer_max_abs", "max |activation|",
+                                                          "Max activation vs depth", p, args.steps)),
+            ("loss.png", lambda p: loss_plot(runs, p)),
+            ("grad_norm.png", lambda p: grad_plot(runs, p)),
+        ]
+        for name, draw in plots:
+            if draw(out / name):
+                written.append(out / name)
+            else:
+                print(f"plot_diagnostics: {name}: no data in {', '.join(str(r.dir) for r in runs)}, skipped",
+                      file=sys.stderr)
+    except PlotError as e:
+        print(f"plot_diagnostics: error: {e}", file=sys.stderr)
+        return 2
+    if not written:
+        print("plot_diagnostics: error: nothing to plot", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
