@@ -28,9 +28,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=read_dist_env().world_size)
-        from periln_megatron.data import resolve_tokenizer
+        from periln_megatron.data import check_prefixes, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(recipe)
+        check_prefixes(recipe)
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2

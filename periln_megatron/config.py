@@ -338,6 +338,14 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if p.vpp and (t.global_batch_size // t.micro_batch_size) % p.pp:
         fail("train.global_batch_size", "/ micro_batch_size must be a multiple of parallel.pp for the interleaved schedule")
 
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
+    o = recipe.optim
+    if not 0 <= o.warmup_steps < t.steps:
+        fail("optim.warmup_steps", f"= {o.warmup_steps} must be >= 0 and below train.steps = {t.steps}")
+    if not 0 <= o.min_lr <= o.lr:
+        fail("optim.min_lr", f"= {o.min_lr} must be >= 0 and at most optim.lr = {o.lr}")
+
     tok = recipe.tokenizer
     if tok.type and not tok.model:
         fail("tokenizer.model", f"is required when tokenizer.type is {tok.type}")

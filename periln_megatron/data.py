@@ -42,12 +42,7 @@ def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
     t = recipe.train
     blend = None
     if not recipe.data.synthetic:
-        from periln_megatron.indexed_data import verify_prefix
-
-        paths, weights = split_blend(recipe.data.prefixes)
-        for prefix in paths:
-            verify_prefix(prefix)  # a truncated .bin fails here, naming the file
-        blend = (paths, weights)
+        blend = split_blend(recipe.data.prefixes)
     num_valid = (t.steps // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
     config = GPTDatasetConfig(
         random_seed=t.seed,
@@ -93,6 +88,34 @@ class MicroBatches:
                 key: torch.stack([torch.as_tensor(s[key]) for s in samples])
                 for key in ("tokens", "labels", "loss_mask", "position_ids")
             }
+
+
+def check_prefixes(recipe: Recipe) -> None:
+    """Every data prefix has a .bin and .idx that agree, and tokens in each split the run draws from.
+
+    A truncated file fails here, naming it. So does a split left without tokens, on which
+    megatron-core's GPTDataset would loop forever counting epochs.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    from periln_megatron.indexed_data import DataPrefixError, verify_prefix, read_sequence_lengths
+
+    if recipe.data.synthetic:
+        return
+    wanted = {"train": True, "valid": bool(recipe.train.eval_interval)}
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
+    for prefix in split_blend(recipe.data.prefixes)[0]:
+        verify_prefix(prefix)
+        lengths = read_sequence_lengths(prefix)
+        for (name, needed), bounds in zip(wanted.items(), matrix):
+            if not needed or bounds is None:
+                continue
+            beg, end = (int(round(b * len(lengths))) for b in bounds)  # as megatron-core splits
+            if lengths[beg:end].sum() == 0:
+                raise DataPrefixError(
+                    f"{prefix}: data.split {recipe.data.split!r} leaves the {name} split {end - beg} of its "
+                    f"{len(lengths)} documents and no tokens; give it more documents or change data.split")
 
 
 def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:

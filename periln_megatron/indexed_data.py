@@ -54,6 +54,13 @@ def read_index_header(idx_path: str | Path) -> tuple[np.dtype, int, int]:
     return np.dtype(dtype), seq_count, doc_count
 
 
+def read_sequence_lengths(prefix: str | Path) -> np.ndarray:
+    """Token count of each sequence (document) in ``PREFIX.idx``."""
+    idx_path = Path(str(prefix) + ".idx")
+    _, seq_count, _ = read_index_header(idx_path)
+    return np.fromfile(idx_path, dtype=np.int32, count=seq_count, offset=_HEADER_BYTES)
+
+
 def verify_prefix(prefix: str | Path) -> tuple[int, int]:
     """Check ``PREFIX.idx`` and ``PREFIX.bin`` agree; return (num_documents, num_tokens).
 

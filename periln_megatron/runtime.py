@@ -10,9 +10,10 @@ real DDP, distributed optimizer and pipeline schedules run unmodified on a lapto
    whose tracker never touches CUDA RNG state (see `initialize`); activation recompute's reads of
    the CUDA RNG state get the CPU generator's, which is the one dropout draws from on a CPU.
 3. Hard-coded `device="cuda"` / `.cuda()` in the pipeline schedules and DDP buffers -> the
-   `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu. Autograd runs backward functions
-   without the mode, so activation recompute's forward-inside-backward (megatron's
-   CheckpointFunction) enters it again.
+   `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu. A mode is popped while it handles a
+   call, and `torch.autograd.backward` is such a call on torch >= 2.13, so the autograd engine
+   (sequence parallelism's backward all-gather) and activation recompute's forward-inside-backward
+   (megatron's CheckpointFunction) enter it again.
 4. The optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks -> `Tensor.type()` with no
    argument reports a CPU float tensor under its CUDA type name.
 
@@ -238,6 +239,18 @@ def _recompute_under_mode() -> None:
     CheckpointFunction.backward = staticmethod(backward)
 
 
+def _autograd_under_mode() -> None:
+    import torch.autograd as autograd
+
+    engine = autograd._engine_run_backward
+
+    def run_backward_under_mode(*args, **kwargs):
+        with _CudaToCpu():
+            return engine(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_under_mode
+
+
 def cpu_shims() -> None:
     """Let megatron-core's CUDA-only paths run on the CPU. No-op when CUDA is available."""
     global _CPU_SHIMS_INSTALLED
@@ -245,6 +258,7 @@ def cpu_shims() -> None:
         return
     _patch_torch_cuda()
     _recompute_under_mode()
+    _autograd_under_mode()
     _CudaToCpu().__enter__()  # for the life of the process
     _CPU_SHIMS_INSTALLED = True
 

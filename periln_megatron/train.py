@@ -136,6 +136,7 @@ def build_optimizer(recipe: Recipe, config, chunks):
 
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
+    _set_overlap_hooks(config, ddp_chunks, p)
     decay_steps = max(t.steps * t.global_batch_size, 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
@@ -146,6 +147,20 @@ def build_optimizer(recipe: Recipe, config, chunks):
         lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None,
     )
     return ddp_chunks, optimizer, scheduler
+
+
+def _set_overlap_hooks(config, ddp_chunks, p) -> None:
+    """As Megatron-LM does: with overlapped communication the schedule must hold back the DP grad
+    reduce until the last microbatch, launch it per chunk, and gather params per chunk."""
+    def per_chunk(method: str):
+        funcs = [getattr(chunk, method) for chunk in ddp_chunks]
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    if p.overlap_grad_reduce:
+        config.no_sync_func = per_chunk("no_sync")
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if p.overlap_param_gather and p.distributed_optimizer:
+        config.param_sync_func = per_chunk("start_param_sync")
 
 
 def _forward_step(data_iterator, model, diagnostics=None):

@@ -54,6 +54,10 @@ def tiny(**sections):
      "file not found"),
     ({"checkpoint": {"keep": 0}}, None, "checkpoint.keep", ">= 1"),
     ({"train": {"steps": 0}}, None, "train.steps", ">= 1"),
+    ({"train": {"steps": 2}, "optim": {"warmup_steps": 2}}, None, "optim.warmup_steps", "below train.steps = 2"),
+    ({"optim": {"min_lr": 1.0}}, None, "optim.min_lr", "at most optim.lr"),
+    ({"parallel": {"overlap_param_gather": True, "distributed_optimizer": False}}, None, "parallel.overlap_param_gather",
+     "needs parallel.distributed_optimizer"),
 ])
 def test_validation_error_names_file_and_key(tmp_path, sections, world, key, message):
     path = write(tmp_path, tiny(**sections))

@@ -125,7 +125,7 @@ def layout_records(tiny_runs, tmp_path_factory):
         d = tmp_path_factory.mktemp(f"layout_{name}")
         shutil.copytree(source / "iter_0000002", d / "iter_0000002")
         (d / "latest_checkpointed_iteration.txt").write_text("2\n")
-        result = run_torchrun(2, ["tests/workers/diag_train.py", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
+        result = run_torchrun(2, ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
                                   *layout, "train.steps=3", "diagnostics.interval=1", f"checkpoint.dir={d}",
                                   "checkpoint.save_at_end=false"], timeout=300)
         assert "resumed from iteration 2" in result.stdout

@@ -96,6 +96,32 @@ def test_exported_tokenizer_matches_sentencepiece(exported, spm_model):
     assert config["eos_token_id"] == sp.eos_id() and config["bos_token_id"] == sp.bos_id()
 
 
+@pytest.mark.parametrize("normalization", ["identity", "nfkc", "nmt_nfkc"])
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_conversion_across_sentencepiece_settings(tmp_path, normalization, model_type):
+    """tools/train_tokenizer.py defaults to identity normalisation; every setting it offers must export."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from periln_megatron.hf.tokenizer import export_sentencepiece
+
+    prefix = tmp_path / "spm"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(DATA / "wikitext2-valid.txt"), model_prefix=str(prefix), vocab_size=600, model_type=model_type,
+        normalization_rule_name=normalization, byte_fallback=True, input_sentence_size=5000, minloglevel=2)
+    export_sentencepiece(prefix.with_suffix(".model"), tmp_path / "hf", max_length=64)  # checks edge-case probes
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model")))
+    fast = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = (DATA / "tinyshakespeare.txt").read_text()[:100_000] + " \u2581x \u2581\u2581 ＡＢＣ ﬁ  end  \u2581"
+    if model_type == "bpe":
+        assert fast(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    else:  # per line: over 100 kB, SentencePiece's float32 path scores lose the precision to break
+        # near-ties the way tokenizers' float64 does (docs/hf.md)
+        lines = text.splitlines()
+        differ = [l for l in lines if fast(l, add_special_tokens=False)["input_ids"] != sp.encode(l)]
+        assert not differ, differ[:3]
+
+
 # ------------------------------------------------------------------------------- round trip
 
 def _random_hf_model(arch: str, out: Path, tokenizer_dir: Path | None, tied: bool = False) -> None:

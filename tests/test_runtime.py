@@ -71,3 +71,30 @@ def test_cpu_shims_inactive_when_cuda_available():
     setup = "torch.cuda.is_available = lambda: True"
     out = subprocess.run([sys.executable, "-c", SHIM_PROBE.format(setup=setup)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "-", "torch.FloatTensor", "-"]
+
+
+BACKWARD_PROBE = """
+import torch
+from periln_megatron import runtime
+runtime.cpu_shims()
+
+class AllocatesOnCuda(torch.autograd.Function):  # what sequence parallelism's backward all-gather does
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty(grad.shape, device=torch.cuda.current_device())
+        return out.copy_(grad * 2)
+
+x = torch.ones(3, requires_grad=True)
+AllocatesOnCuda.apply(x).sum().backward()
+print(x.grad.tolist())
+"""
+
+
+def test_cpu_shims_stay_active_inside_autograd_backward():
+    out = subprocess.run([sys.executable, "-c", BACKWARD_PROBE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[2.0, 2.0, 2.0]"

@@ -60,3 +60,73 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
     bad_step = int(result.stdout.split("error: step ")[1].split(":")[0])
     saved = sorted(int(p.name[5:]) for p in tmp_path.glob("iter_*"))
     assert all(s < bad_step for s in saved)
+
+
+@pytest.fixture(scope="module")
+def indexed_data(tmp_path_factory):
+    """Two real prefixes (Shakespeare, WikiText) made with the project's tools."""
+    import sys
+
+    from launch import REPO, run
+
+    shared = REPO.parent / "shared" / "data"
+    work = tmp_path_factory.mktemp("data")
+    speeches = (shared / "tinyshakespeare.txt").read_text().split("\n\n")
+    wiki_lines = (shared / "wikitext2-valid.txt").read_text().splitlines()  # the file is one paragraph
+    docs = {"tinyshakespeare": speeches, "wikitext2-valid": wiki_lines, "one_document": speeches[:1]}
+    for name, texts in docs.items():
+        texts = [t for t in texts if t.strip()][:400]
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run([sys.executable, "tools/train_tokenizer.py", "--input", str(work / "tinyshakespeare.jsonl"),
+         str(work / "wikitext2-valid.jsonl"), "--model-prefix", str(work / "spm"), "--vocab-size", "500"])
+    prefixes = []
+    for name in docs:
+        run([sys.executable, "tools/preprocess_data.py", "--input", str(work / f"{name}.jsonl"),
+             "--output-prefix", str(work / name), "--tokenizer-type", "SentencePieceTokenizer",
+             "--tokenizer-model", str(work / "spm.model"), "--append-eod"])
+        prefixes.append(str(work / f"{name}_text_document"))
+    return work, prefixes
+
+
+def test_trains_on_weighted_blend_of_indexed_prefixes(tmp_path, indexed_data):
+    work, (a, b, _) = indexed_data
+    train(tmp_path, 1, "data.synthetic=false", f"data.prefixes=[0.3, {a}, 0.7, {b}]", "model.vocab_size=null",
+          "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={work / 'spm.model'}",
+          "train.eval_interval=2", "train.eval_iters=1", "data.split=90,10,0")
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs if "valid_loss" in r] == [2, 4]
+    assert recs[0]["loss"] > 5.0  # ln(512) ~ 6.2 at the start: real tokens over the padded vocab
+
+
+def test_truncated_bin_fails_before_training(tmp_path, indexed_data):
+    import shutil
+
+    work, (a, _, _) = indexed_data
+    broken = tmp_path / "broken_text_document"
+    shutil.copy(a + ".idx", str(broken) + ".idx")
+    data = open(a + ".bin", "rb").read()
+    (tmp_path / "broken_text_document.bin").write_bytes(data[: len(data) // 2])
+    result = train(tmp_path / "run", 1, "data.synthetic=false", f"data.prefixes=[{broken}]",
+                   "model.vocab_size=null", "tokenizer.type=SentencePieceTokenizer",
+                   f"tokenizer.model={work / 'spm.model'}", check=False)
+    assert result.returncode != 0
+    assert f"{broken}.bin" in result.stdout and "periln-train: error:" in result.stdout
+    assert "step 1/" not in result.stdout
+
+
+def test_overlapped_grad_reduce_and_param_gather_match_plain_dp(tmp_path):
+    """The paper recipes overlap DP communication with compute; the result must not change."""
+    common = ["parallel.distributed_optimizer=true", "train.steps=3"]
+    train(tmp_path / "plain", 2, *common)
+    train(tmp_path / "overlap", 2, *common, "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
+    assert losses(tmp_path / "overlap") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+
+
+def test_split_without_documents_fails_naming_the_prefix(tmp_path, indexed_data):
+    """megatron-core would count epochs forever over an empty validation split."""
+    work, (_, _, single) = indexed_data
+    result = train(tmp_path, 1, "data.synthetic=false", f"data.prefixes=[{single}]", "model.vocab_size=null",
+                   "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={work / 'spm.model'}",
+                   "train.eval_interval=2", "train.eval_iters=1", "data.split=90,10,0", check=False)
+    assert result.returncode != 0 and "step 1/" not in result.stdout
+    assert f"{single}: data.split '90,10,0' leaves the valid split 0 of its 1 documents" in result.stdout

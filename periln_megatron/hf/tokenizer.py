@@ -4,6 +4,7 @@ for id against SentencePiece); a Hugging Face tokenizer is carried over as it is
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def build_fast_from_spm(model_path: str | Path):
     pieces = spm["pieces"]
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     unk = next((i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN), None)
+    unknown = []
     if spm["model_type"] == 2:
         from transformers.tokenization_utils_base import generate_merges
 
@@ -91,7 +93,15 @@ def build_fast_from_spm(model_path: str | Path):
         model = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=pieces[unk][0] if unk is not None else None,
                            fuse_unk=True, byte_fallback=spm["byte_fallback"], dropout=None)
     elif spm["model_type"] == 1:
-        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk, byte_fallback=spm["byte_fallback"])
+        # SentencePiece never matches control/unknown/unused pieces ("<s>", "<unk>") in text; a
+        # Unigram lattice would. A score below any normal segmentation stops that, except where
+        # the alternative needs an unknown character, whose penalty is lower still: those
+        # characters are isolated before the model (exact, as no normal piece holds them).
+        never = min(s for _, s, t in pieces if t == NORMAL) - 1e6
+        known = {p for p, _, t in pieces if t in (NORMAL, USER_DEFINED) and len(p) == 1}
+        unknown = sorted({c for p, _, t in pieces if t in (UNKNOWN, CONTROL, UNUSED) for c in p} - known)
+        model = models.Unigram([(p, s if t in (NORMAL, USER_DEFINED, BYTE) else never) for p, s, t in pieces],
+                               unk_id=unk, byte_fallback=spm["byte_fallback"])
     else:
         raise TokenizerExportError(f"{model_path}: SentencePiece model type {spm['model_type']} (word/char) is not supported")
     tok = Tokenizer(model)
@@ -104,11 +114,15 @@ def build_fast_from_spm(model_path: str | Path):
         steps.append(normalizers.Prepend(" "))
     if spm["escape_whitespaces"]:
         steps.append(normalizers.Replace(" ", "\u2581"))
+        if spm["remove_extra_whitespaces"]:  # SentencePiece drops trailing U+2581s, literal ones included
+            steps.append(normalizers.Replace(Regex("\u2581+\\z"), ""))
     tok.normalizer = normalizers.Sequence(steps)
     # Pieces never span a word boundary when no piece holds "\u2581" after its first character:
     # then splitting at "\u2581" first is exact, and keeps BPE's work per word.
     if spm["model_type"] == 2 and not any("\u2581" in p[1:] for p, _, t in pieces if t == NORMAL):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    elif spm["model_type"] == 1 and unknown:
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(re.escape(c) for c in unknown)), behavior="isolated")
     dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if spm["add_dummy_prefix"]:
         dec.append(decoders.Strip(content=" ", left=1, right=0))

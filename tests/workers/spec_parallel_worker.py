@@ -46,28 +46,9 @@ def load_layout_free_weights(model, tp, tp_rank):
             p.copy_(full.chunk(tp, dim)[tp_rank])
 
 
-def keep_cpu_shim_in_backward():
-    """Work around a gap in runtime.cpu_shims on torch >= 2.13: torch.autograd.backward now
-    dispatches through __torch_function__, and a TorchFunctionMode is popped while it handles a
-    call, so the whole backward pass runs without the cuda->cpu rewrite; sequence parallelism's
-    backward (`torch.empty(..., device=torch.cuda.current_device())`) then fails. Re-enter the
-    rewrite around the autograd engine itself. (Reported for periln_megatron/runtime.py.)"""
-    import torch.autograd as autograd
-
-    engine = autograd._engine_run_backward
-
-    def engine_with_shim(*args, **kwargs):
-        with runtime._CudaToCpu():
-            return engine(*args, **kwargs)
-
-    autograd._engine_run_backward = engine_with_shim
-
-
 def main():
     tp, pp, sp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4])
     runtime.initialize(runtime.ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp), seed=0)
-    if runtime.cpu_shims_active():
-        keep_cpu_shim_in_backward()
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
