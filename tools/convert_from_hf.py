@@ -30,22 +30,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
     args = parser.parse_args(argv)
 
+    from periln_megatron.hf import run_tool
     from periln_megatron.hf.importer import convert_from_hf
 
-    def log(msg):
-        if not (args.quiet and msg.startswith("  [")):
-            print(msg, flush=True)
-
     try:
-        convert_from_hf(args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 2
+        return run_tool("convert_from_hf", args.quiet, lambda log: convert_from_hf(
+            args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log),
+            errors=(ValueError, KeyError, RuntimeError, OSError))
     finally:
         from periln_megatron import runtime
 
         runtime.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,21 +35,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
     args = parser.parse_args(argv)
 
+    from periln_megatron.hf import run_tool
     from periln_megatron.hf.export import convert_to_hf
     from periln_megatron.hf.safetensors_io import parse_size
 
-    def log(msg):
-        if not (args.quiet and msg.startswith("  [")):
-            print(msg, flush=True)
-
-    try:
-        convert_to_hf(args.checkpoint_dir, args.output_dir, iteration=args.iteration, dtype=args.dtype,
-                      max_shard_size=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
-                      skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite, log=log)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("convert_to_hf", args.quiet, lambda log: convert_to_hf(
+        args.checkpoint_dir, args.output_dir, iteration=args.iteration, dtype=args.dtype,
+        max_shard_size=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
+        skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite, log=log))
 
 
 if __name__ == "__main__":
