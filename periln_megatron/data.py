@@ -91,25 +91,24 @@ class MicroBatches:
 
 
 def check_prefixes(recipe: Recipe) -> None:
-    """Every data prefix has a .bin and .idx that agree, and tokens in each split the run draws from.
+    """Every data prefix has a .bin and .idx that agree, and tokens in each split megatron-core builds.
 
-    A truncated file fails here, naming it. So does a split left without tokens, on which
-    megatron-core's GPTDataset would loop forever counting epochs.
+    A truncated file fails here, naming it. So does a split left without tokens: megatron-core's
+    GPTDataset builds every split with a nonzero share, used or not, and would loop forever
+    counting epochs over an empty one.
     """
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
-    from periln_megatron.indexed_data import DataPrefixError, verify_prefix, read_sequence_lengths
+    from periln_megatron.indexed_data import DataPrefixError, verified_sequence_lengths
 
     if recipe.data.synthetic:
         return
-    wanted = {"train": True, "valid": bool(recipe.train.eval_interval)}
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
     for prefix in split_blend(recipe.data.prefixes)[0]:
-        verify_prefix(prefix)
-        lengths = read_sequence_lengths(prefix)
-        for (name, needed), bounds in zip(wanted.items(), matrix):
-            if not needed or bounds is None:
+        _, lengths = verified_sequence_lengths(prefix)
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is None:
                 continue
             beg, end = (int(round(b * len(lengths))) for b in bounds)  # as megatron-core splits
             if lengths[beg:end].sum() == 0:

@@ -54,15 +54,17 @@ def read_index_header(idx_path: str | Path) -> tuple[np.dtype, int, int]:
     return np.dtype(dtype), seq_count, doc_count
 
 
-def read_sequence_lengths(prefix: str | Path) -> np.ndarray:
-    """Token count of each sequence (document) in ``PREFIX.idx``."""
-    idx_path = Path(str(prefix) + ".idx")
-    _, seq_count, _ = read_index_header(idx_path)
-    return np.fromfile(idx_path, dtype=np.int32, count=seq_count, offset=_HEADER_BYTES)
-
-
 def verify_prefix(prefix: str | Path) -> tuple[int, int]:
     """Check ``PREFIX.idx`` and ``PREFIX.bin`` agree; return (num_documents, num_tokens).
+
+    See `verified_sequence_lengths` for the checks.
+    """
+    num_documents, lengths = verified_sequence_lengths(prefix)
+    return num_documents, int(lengths.sum(dtype=np.int64))
+
+
+def verified_sequence_lengths(prefix: str | Path) -> tuple[int, np.ndarray]:
+    """Check ``PREFIX.idx`` and ``PREFIX.bin`` agree; return (num_documents, token count per sequence).
 
     Checks: both files exist; the .idx header is valid and its size matches its counts; sequence
     lengths are non-negative, pointers are contiguous, document indices run from 0 to the sequence
@@ -92,6 +94,7 @@ def verify_prefix(prefix: str | Path) -> tuple[int, int]:
         docs = np.frombuffer(mm, np.int64, doc_count, off + 12 * seq_count)
         if seq_count and lengths.min() < 0:
             raise DataPrefixError(f"{idx_path}: negative sequence length at sequence {int(np.argmin(lengths))}")
+        lengths = np.array(lengths)  # a copy that outlives the map
         num_tokens = int(lengths.sum(dtype=np.int64))
         if seq_count:
             expect_ptr = np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) * dtype.itemsize
@@ -111,7 +114,7 @@ def verify_prefix(prefix: str | Path) -> tuple[int, int]:
         what = "truncated" if actual_bin < expected_bin else "longer than its index"
         raise DataPrefixError(f"{bin_path}: {what}: {idx_path.name} describes {num_tokens} tokens of "
                               f"{dtype.name} = {expected_bin} bytes, found {actual_bin} bytes")
-    return doc_count - 1, num_tokens
+    return doc_count - 1, lengths
 
 
 class PrefixWriter:

@@ -122,11 +122,12 @@ def test_overlapped_grad_reduce_and_param_gather_match_plain_dp(tmp_path):
     assert losses(tmp_path / "overlap") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
 
 
-def test_split_without_documents_fails_naming_the_prefix(tmp_path, indexed_data):
-    """megatron-core would count epochs forever over an empty validation split."""
+@pytest.mark.parametrize("evaluation", [["train.eval_interval=2", "train.eval_iters=1"], []], ids=["eval", "no-eval"])
+def test_split_without_documents_fails_naming_the_prefix(tmp_path, indexed_data, evaluation):
+    """megatron-core would count epochs forever over an empty validation split, built even when unused."""
     work, (_, _, single) = indexed_data
     result = train(tmp_path, 1, "data.synthetic=false", f"data.prefixes=[{single}]", "model.vocab_size=null",
                    "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={work / 'spm.model'}",
-                   "train.eval_interval=2", "train.eval_iters=1", "data.split=90,10,0", check=False)
+                   *evaluation, "data.split=90,10,0", check=False)
     assert result.returncode != 0 and "step 1/" not in result.stdout
     assert f"{single}: data.split '90,10,0' leaves the valid split 0 of its 1 documents" in result.stdout
