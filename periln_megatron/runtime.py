@@ -12,8 +12,8 @@ real DDP, distributed optimizer and pipeline schedules run unmodified on a lapto
 3. Hard-coded `device="cuda"` / `.cuda()` in the pipeline schedules and DDP buffers -> the
    `_CudaToCpu` TorchFunctionMode rewrites cuda devices to cpu. A mode is popped while it handles a
    call, and `torch.autograd.backward` is such a call on torch >= 2.13, so the autograd engine
-   (sequence parallelism's backward all-gather) and activation recompute's forward-inside-backward
-   (megatron's CheckpointFunction) enter it again.
+   enters it again: that covers every backward function, e.g. sequence parallelism's all-gather
+   and activation recompute's forward-inside-backward (megatron's CheckpointFunction).
 4. The optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks -> `Tensor.type()` with no
    argument reports a CPU float tensor under its CUDA type name.
 
@@ -227,18 +227,6 @@ def _patch_torch_cuda() -> None:
     torch.Tensor.type = type_as_if_on_cuda
 
 
-def _recompute_under_mode() -> None:
-    from megatron.core.tensor_parallel.random import CheckpointFunction
-
-    original = CheckpointFunction.backward
-
-    def backward(ctx, *grads):
-        with _CudaToCpu():
-            return original(ctx, *grads)
-
-    CheckpointFunction.backward = staticmethod(backward)
-
-
 def _autograd_under_mode() -> None:
     import torch.autograd as autograd
 
@@ -257,7 +245,6 @@ def cpu_shims() -> None:
     if torch.cuda.is_available() or _CPU_SHIMS_INSTALLED:
         return
     _patch_torch_cuda()
-    _recompute_under_mode()
     _autograd_under_mode()
     _CudaToCpu().__enter__()  # for the life of the process
     _CPU_SHIMS_INSTALLED = True
