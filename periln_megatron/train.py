@@ -159,7 +159,7 @@ def _set_overlap_hooks(config, ddp_chunks, p) -> None:
     if p.overlap_grad_reduce:
         config.no_sync_func = per_chunk("no_sync")
         config.grad_sync_func = per_chunk("start_grad_sync")
-    if p.overlap_param_gather and p.distributed_optimizer:
+    if p.overlap_param_gather:  # validation requires the distributed optimizer
         config.param_sync_func = per_chunk("start_param_sync")
 
 
