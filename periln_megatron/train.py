@@ -9,7 +9,7 @@ Exit status (the Slurm templates rely on it):
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import signal
 import sys
@@ -163,6 +163,36 @@ def _set_overlap_hooks(config, ddp_chunks, p) -> None:
         config.param_sync_func = per_chunk("start_param_sync")
 
 
+class ParamGather:
+    """With `overlap_param_gather` the distributed optimizer's step updates only this rank's shard;
+    the all-gather of the rest is deferred to the next forward's pre-hooks. Before a save or an
+    evaluation the parameters must be gathered now, or they mix this step's shard with stale
+    values. Megatron-LM does the same (`force_param_sync`, `disable_forward_pre_hook`)."""
+
+    def __init__(self, ddp_chunks, parallel):
+        self.chunks = ddp_chunks
+        self.deferred = parallel.distributed_optimizer and parallel.overlap_param_gather
+
+    def sync_now(self) -> None:
+        if self.deferred:
+            for chunk in self.chunks:
+                chunk.start_param_sync(force_sync=True)
+
+    @contextlib.contextmanager
+    def hooks_disabled(self):
+        """Gathered parameters and no pre-hooks (evaluation); the hooks come back afterwards."""
+        if not self.deferred:
+            yield
+            return
+        for chunk in self.chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
+
+
 def _forward_step(data_iterator, model, diagnostics=None):
     batch = next(data_iterator)
     dev = runtime.device()
@@ -265,9 +295,12 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
 
         async_queue = AsyncCallsQueue()
 
+    param_gather = ParamGather(chunks, recipe.parallel)
+
     def save(it, blocking=False):
         if ckpt_root is None:
             return
+        param_gather.sync_now()
         checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml(), recipe.checkpoint.keep,
                         async_queue=async_queue)
         if async_queue is not None and blocking:
@@ -314,7 +347,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             if measure:
                 record.update(diagnostics.finish(layer_grads))
             if t.eval_interval and iteration % t.eval_interval == 0:
-                record["valid_loss"] = evaluate(chunks, valid_batches, recipe, iteration)
+                with param_gather.hooks_disabled():
+                    record["valid_loss"] = evaluate(chunks, valid_batches, recipe, iteration)
             if (iteration % recipe.logging.interval == 0 or iteration == t.steps or "valid_loss" in record
                     or measure or "spike" in record):
                 metrics.log(record)
@@ -334,7 +368,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
         elif async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
         if t.eval_interval and valid_batches is not None:
-            final = evaluate(chunks, valid_batches, recipe, iteration)
+            with param_gather.hooks_disabled():
+                final = evaluate(chunks, valid_batches, recipe, iteration)
             metrics.log({"step": iteration, "final_valid_loss": final})
         return EXIT_FINISHED
     finally:
