@@ -1,7 +1,7 @@
 """Data tools: train_tokenizer, preprocess_data, inspect_data, periln_megatron.tokenizer / indexed_data.
 
 Real SentencePiece / tokenizers / tiktoken / megatron-core throughout; tokenizers are trained
-once per session on the shared test text.
+once per module on the text carried in tests/data (tests/corpus.py).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 TOOLS = REPO / "tools"
 sys.path.insert(0, str(REPO))
 
+import corpus  # noqa: E402
 from periln_megatron.indexed_data import DataPrefixError, verify_prefix  # noqa: E402
 from periln_megatron.tokenizer import load_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (DATA / "tinyshakespeare.txt").exists(), reason=f"no test text in {DATA}")
 SP = "SentencePieceTokenizer"
 UNICODE_DOCS = [
     "Καλημέρα κόσμε, η γλώσσα μας είναι ελληνική.",
@@ -54,12 +53,8 @@ def pp():
 
 
 def _docs() -> list[str]:
-    docs = [p for p in (DATA / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()][:1500]
-    for line in (DATA / "wikitext2-test.txt").read_text().splitlines():
-        s = line.strip()
-        if s and not re.fullmatch(r"=.*=", s):
-            docs.append(s)
-    return docs[:2500]
+    """1,500 Shakespeare speeches, then 1,000 held-out WikiText-2 test paragraphs."""
+    return (corpus.shakespeare_speeches()[:1500] + corpus.wikitext_paragraphs("test"))[:2500]
 
 
 def _write_jsonl(path: Path, docs, key="text"):
@@ -74,7 +69,7 @@ def _write_jsonl(path: Path, docs, key="text"):
 def spm_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "bpe1k"
     rc = _load_tool("train_tokenizer").main([
-        "--input", str(DATA / "tinyshakespeare.txt"), str(DATA / "wikitext2-valid.txt"),
+        "--input", *(str(corpus.data_file(name)) for name in corpus.TRAINING_FILES),
         "--model-prefix", str(out), "--vocab-size", "1000", "--special-tokens", "<|pad|>",
         "--user-defined-symbols", "<|im_start|>", "--input-sentence-size", "20000"])
     assert rc == 0
@@ -85,13 +80,42 @@ def spm_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def docs_jsonl(tmp_path_factory):
     docs = _docs()
     return docs, _write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", docs)
 
 
 def _run_pp(pp, *argv):
     return pp.main([*map(str, argv), "--quiet"])
+
+
+def test_carried_corpus_is_complete_and_fails_loudly(tmp_path, monkeypatch):
+    """The test text lives in the repository (tests/data), unaltered and documented; a missing or
+    altered file is an error, never a skip."""
+    assert corpus.DATA_DIR == REPO / "tests" / "data"
+    readme = (corpus.DATA_DIR / "README.md").read_text()
+    for name, (size, digest) in corpus.FILES.items():
+        assert corpus.verify(name) == corpus.DATA_DIR / name
+        assert f"| `{name}` | {size:,} | `{digest[:8]}\u2026{digest[-8:]}` |" in readme, name
+    assert sorted(p.name for p in corpus.DATA_DIR.glob("*.txt")) == sorted(corpus.FILES)
+    assert "CC BY-SA 3.0" in readme and "Merity" in readme and "public domain" in readme
+    speeches = corpus.shakespeare_speeches()
+    assert len(speeches) > 7000 and speeches[0].startswith("First Citizen:\n")
+    for split in ("valid", "test"):
+        paragraphs = corpus.wikitext_paragraphs(split)
+        assert len(paragraphs) > 1800 and "<unk>" in "".join(paragraphs)
+        assert not any("\n" in p or p != p.strip() or re.fullmatch("=.*=", p) for p in paragraphs)
+    assert corpus.wikitext_paragraphs()[0].startswith("Homarus gammarus , known as the European lobster")
+    assert not set(corpus.wikitext_paragraphs("test")) & set(corpus.wikitext_paragraphs("valid"))
+
+    monkeypatch.setattr(corpus, "DATA_DIR", tmp_path)
+    with pytest.raises(corpus.CorpusError, match=re.escape(f"{tmp_path}/tinyshakespeare.txt is missing")):
+        corpus.data_file(corpus.TINYSHAKESPEARE)
+    (tmp_path / corpus.WIKITEXT2_TEST).write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(corpus.CorpusError, match="not the committed 1,256,449"):
+        corpus.data_file(corpus.WIKITEXT2_TEST)
+    with pytest.raises(corpus.CorpusError, match="not carried"):
+        corpus.data_file("wikitext103.txt")
 
 
 def test_tokenizer_adapter(spm_model):
@@ -107,7 +131,7 @@ def test_tokenizer_adapter(spm_model):
         load_tokenizer(SP, "/nonexistent.model")
 
 
-def test_roundtrip_indexed_dataset_and_gpt_dataset(pp, spm_model, corpus, tmp_path):
+def test_roundtrip_indexed_dataset_and_gpt_dataset(pp, spm_model, docs_jsonl, tmp_path):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
@@ -115,7 +139,7 @@ def test_roundtrip_indexed_dataset_and_gpt_dataset(pp, spm_model, corpus, tmp_pa
     from periln_megatron import indexed_data
 
     assert {c: DType.dtype_from_code(c) for c in indexed_data.DTYPE_CODES} == indexed_data.DTYPE_CODES
-    docs, path = corpus
+    docs, path = docs_jsonl
     tok = load_tokenizer(SP, spm_model)
     expected = tok.sp.encode(docs)
     for workers, eod in ((2, True), (1, False)):
@@ -235,8 +259,8 @@ def test_sigkill_mid_write_leaves_no_complete_output(spm_model, tmp_path):
         verify_prefix(prefix)
 
 
-def test_truncated_files_detected(pp, spm_model, corpus, tmp_path):
-    _, path = corpus
+def test_truncated_files_detected(pp, spm_model, docs_jsonl, tmp_path):
+    _, path = docs_jsonl
     assert _run_pp(pp, "--input", path, "--output-prefix", tmp_path / "t", "--tokenizer-type", SP,
                    "--tokenizer-model", spm_model, "--workers", 2, "--append-eod") == 0
     prefix = f"{tmp_path}/t_text_document"
