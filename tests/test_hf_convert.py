@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import corpus
 from launch import REPO, run, run_torchrun
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PY = sys.executable
 
 
@@ -22,8 +22,8 @@ def spm_model(tmp_path_factory) -> Path:
 
     prefix = tmp_path_factory.mktemp("spm") / "spm1k"
     sentencepiece.SentencePieceTrainer.train(
-        input=str(DATA / "tinyshakespeare.txt"), model_prefix=str(prefix), vocab_size=1000, model_type="bpe",
-        byte_fallback=True, input_sentence_size=20000, shuffle_input_sentence=True, minloglevel=2, num_threads=2)
+        input=str(corpus.data_file(corpus.TINYSHAKESPEARE)), model_prefix=str(prefix), vocab_size=1000,
+        model_type="bpe", byte_fallback=True, input_sentence_size=20000, shuffle_input_sentence=True, minloglevel=2, num_threads=2)
     return prefix.with_suffix(".model")
 
 
@@ -88,8 +88,8 @@ def test_exported_tokenizer_matches_sentencepiece(exported, spm_model):
     _, hf, _, _, _ = exported
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
     fast = AutoTokenizer.from_pretrained(str(hf))
-    for name in ("tinyshakespeare.txt", "wikitext2-valid.txt"):  # wikitext holds literal "<unk>"
-        text = (DATA / name).read_text()[:300_000]
+    for name in (corpus.TINYSHAKESPEARE, corpus.WIKITEXT2_VALID):  # wikitext holds literal "<unk>"
+        text = corpus.read_text(name)[:300_000]
         assert fast(text, add_special_tokens=False)["input_ids"] == sp.encode(text), name
     assert fast.decode(sp.encode("To be, or not to be")) == "To be, or not to be"
     config = json.loads((hf / "config.json").read_text())
@@ -107,12 +107,12 @@ def test_tokenizer_conversion_across_sentencepiece_settings(tmp_path, normalizat
 
     prefix = tmp_path / "spm"
     sentencepiece.SentencePieceTrainer.train(
-        input=str(DATA / "wikitext2-valid.txt"), model_prefix=str(prefix), vocab_size=600, model_type=model_type,
-        normalization_rule_name=normalization, byte_fallback=True, input_sentence_size=5000, minloglevel=2)
+        input=str(corpus.data_file(corpus.WIKITEXT2_VALID)), model_prefix=str(prefix), vocab_size=600,
+        model_type=model_type, normalization_rule_name=normalization, byte_fallback=True, input_sentence_size=5000, minloglevel=2)
     export_sentencepiece(prefix.with_suffix(".model"), tmp_path / "hf", max_length=64)  # checks edge-case probes
     sp = sentencepiece.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model")))
     fast = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    text = (DATA / "tinyshakespeare.txt").read_text()[:100_000] + " \u2581x \u2581\u2581 ＡＢＣ ﬁ  end  \u2581"
+    text = corpus.tinyshakespeare_text()[:100_000] + " \u2581x \u2581\u2581 ＡＢＣ ﬁ  end  \u2581"
     if model_type == "bpe":
         assert fast(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     else:  # per line: over 100 kB, SentencePiece's float32 path scores lose the precision to break

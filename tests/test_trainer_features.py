@@ -64,18 +64,19 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def indexed_data(tmp_path_factory):
-    """Two real prefixes (Shakespeare, WikiText) made with the project's tools."""
+    """Real prefixes made with the project's tools from tests/data: Shakespeare, WikiText, and a
+    one-document prefix."""
     import sys
 
-    from launch import REPO, run
+    import corpus
+    from launch import run
 
-    shared = REPO.parent / "shared" / "data"
     work = tmp_path_factory.mktemp("data")
-    speeches = (shared / "tinyshakespeare.txt").read_text().split("\n\n")
-    wiki_lines = (shared / "wikitext2-valid.txt").read_text().splitlines()  # the file is one paragraph
-    docs = {"tinyshakespeare": speeches, "wikitext2-valid": wiki_lines, "one_document": speeches[:1]}
+    speeches = corpus.shakespeare_speeches()
+    docs = {"tinyshakespeare": speeches, "wikitext2-valid": corpus.wikitext_paragraphs("valid"),
+            "one_document": speeches[:1]}
     for name, texts in docs.items():
-        texts = [t for t in texts if t.strip()][:400]
+        texts = texts[:400]
         (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     run([sys.executable, "tools/train_tokenizer.py", "--input", str(work / "tinyshakespeare.jsonl"),
          str(work / "wikitext2-valid.jsonl"), "--model-prefix", str(work / "spm"), "--vocab-size", "500"])
