@@ -3,9 +3,9 @@
 
   python benchmarks/bench_preprocess.py [--workers 1 2] [--repeats 3] [--json results.json]
 
-Builds a JSONL from ../shared/data (tinyshakespeare speeches, WikiText-2 valid+test paragraphs),
-trains a SentencePiece BPE 8k tokenizer on it with tools/train_tokenizer.py, then, for each worker
-count, alternates runs of
+Builds a JSONL from the text carried in tests/data, read through tests/corpus.py (tinyshakespeare
+speeches, WikiText-2 valid+test paragraphs), trains a SentencePiece BPE 8k tokenizer on those three
+files with tools/train_tokenizer.py, then, for each worker count, alternates runs of
   * reference: Megatron-LM tools/preprocess_data.py (core_v0.16.1) as it works: text-mode file
     iterated line by line into multiprocessing.Pool.imap(encode, lines, chunksize=25); each worker
     json.loads one line and calls megatron-core's SentencePieceTokenizer.text_to_ids on it, appends
@@ -23,7 +23,6 @@ import argparse
 import filecmp
 import json
 import multiprocessing
-import re
 import resource
 import sys
 import tempfile
@@ -32,22 +31,21 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
 warnings.filterwarnings("ignore")
 
+import corpus  # noqa: E402
 import preprocess_data  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 REFERENCE_MB_S = 3.0  # Megatron-LM tools/preprocess_data.py, 2 workers, these 2-core machines
+TOKENIZER_FILES = (corpus.TINYSHAKESPEARE, corpus.WIKITEXT2_VALID, corpus.WIKITEXT2_TEST)
 
 
 def build_corpus(path: Path) -> int:
-    docs = [p for p in (DATA / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()]
-    for name in ("wikitext2-valid.txt", "wikitext2-test.txt"):
-        docs += [s.strip() for s in (DATA / name).read_text().splitlines()
-                 if s.strip() and not re.fullmatch(r"=.*=", s.strip())]
+    docs = corpus.shakespeare_speeches() + corpus.wikitext_paragraphs("valid") + corpus.wikitext_paragraphs("test")
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
@@ -140,9 +138,8 @@ def main(argv=None) -> int:
         jsonl = work / "corpus.jsonl"
         ndocs = build_corpus(jsonl)
         mb = jsonl.stat().st_size / 1e6
-        rc = train_tokenizer.main(["--input", *(str(DATA / n) for n in ("tinyshakespeare.txt", "wikitext2-valid.txt",
-                                   "wikitext2-test.txt")), "--model-prefix", str(work / "bpe8k"),
-                                   "--vocab-size", "8000", "--model-type", "bpe"])
+        rc = train_tokenizer.main(["--input", *(str(corpus.data_file(n)) for n in TOKENIZER_FILES),
+                                   "--model-prefix", str(work / "bpe8k"), "--vocab-size", "8000", "--model-type", "bpe"])
         if rc:
             return rc
         model = str(work / "bpe8k.model")
