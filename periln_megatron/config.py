@@ -96,6 +96,11 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no periodic validation
     eval_iters: int = 2
     exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Minutes a collective (or the rendezvous) waits for a missing rank before it raises: the
+    # process-group timeout (Megatron-LM's --distributed-timeout-minutes). Bounds how long a hung
+    # rank stalls the others. Must exceed the longest wait at one collective: a checkpoint save or
+    # load, or rank 0 building the dataset index on a first run over new data. Fractions allowed.
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -338,6 +343,8 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if p.vpp and (t.global_batch_size // t.micro_batch_size) % p.pp:
         fail("train.global_batch_size", "/ micro_batch_size must be a multiple of parallel.pp for the interleaved schedule")
 
+    if not (math.isfinite(t.distributed_timeout_minutes) and t.distributed_timeout_minutes > 0):
+        fail("train.distributed_timeout_minutes", f"must be a positive number of minutes, got {t.distributed_timeout_minutes}")
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim

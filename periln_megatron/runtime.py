@@ -265,11 +265,13 @@ def device() -> torch.device:
 def initialize(
     layout: ParallelLayout = ParallelLayout(),
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    distributed_timeout_minutes: float = 10.0,
     dist_env: DistEnv | None = None,
 ) -> DistEnv:
     """Start torch.distributed and megatron-core's parallel state; seed every RNG.
 
+    `distributed_timeout_minutes` (the recipe's train.distributed_timeout_minutes) is the timeout of
+    the rendezvous and of every process group: a collective that waits that long for a rank raises.
     Seeding follows megatron: the default RNG gets `seed + 100 * pp_rank`, the tensor-parallel
     tracker `seed + 2718 + tp_rank`.
     """
@@ -289,14 +291,14 @@ def initialize(
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=distributed_timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=distributed_timeout_minutes,
     )
     seed_everything(seed)
     return env

@@ -252,7 +252,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
 
     p, t = recipe.parallel, recipe.train
     layout = runtime.ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel)
-    env = runtime.initialize(layout, seed=t.seed)
+    env = runtime.initialize(layout, seed=t.seed, distributed_timeout_minutes=t.distributed_timeout_minutes)
     stop = StopFlag(t.exit_signals, exit_after_minutes)
     rank0 = env.rank == 0
     run_dir = recipe.run_dir
