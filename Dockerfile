@@ -43,6 +43,7 @@ RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine[^=]*|apex
         transformers==5.23.0 \
         safetensors==0.8.0 \
         sentencepiece==0.2.3 \
+        tiktoken==0.14.0 \
         "pyyaml>=6" \
         "numpy>=1.26" \
         "psutil>=5.9" \
@@ -52,12 +53,15 @@ RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine[^=]*|apex
  && diff -u /tmp/pinned-before.txt /tmp/pinned-after.txt
 
 # This package, without dependencies (all present above), non-editable into site-packages.
+# The build then imports the library behind every tokenizer type a recipe can name (SentencePiece,
+# Hugging Face, tiktoken), so a recipe cannot fail at its first step for a missing tokenizer library.
 COPY pyproject.toml README.md ./
 COPY periln_megatron ./periln_megatron
 RUN pip install --no-deps --no-build-isolation . \
  && python -c "import sys, torch, megatron.core, periln_megatron; print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)" \
  && pip list --format=freeze | grep -iE '^(transformer[-_]engine[^=]*|apex)==' \
- && periln-train --help > /dev/null
+ && periln-train --help > /dev/null \
+ && python -c "from periln_megatron.tokenizer import check_tokenizer_libraries as check; print(check())"
 
 # Recipes, Slurm templates and tools travel with the image; at run time the sbatch templates also
 # mount the checkout (same path) and start from it, so recipes can be edited without a rebuild.

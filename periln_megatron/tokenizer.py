@@ -353,6 +353,50 @@ class TikTokenizer(Tokenizer):
         return self.enc.decode([int(i) for i in ids], errors="replace")
 
 
+# --------------------------------------------------------------------------- installation check
+# What each type imports when a tokenizer is loaded (module, or module:attribute), so that an
+# installation (the container's build, a fresh venv) can prove every type a recipe may name works.
+TOKENIZER_LIBRARIES = {
+    **{t: ("sentencepiece:SentencePieceProcessor",) for t in SENTENCEPIECE_TYPES},
+    "HuggingFaceTokenizer": ("tokenizers:Tokenizer", "transformers:AutoTokenizer", "transformers:PreTrainedTokenizerFast"),
+    "TikTokenizer": ("tiktoken:Encoding", "tiktoken_ext.openai_public:ENCODING_CONSTRUCTORS",
+                     "megatron.core.tokenizers.text.libraries.tiktoken_tokenizer:TikTokenTokenizer"),
+}
+_PACKAGE_OF = {"tiktoken_ext": "tiktoken", "megatron": "megatron-core"}
+
+
+def check_tokenizer_libraries(types=None) -> dict[str, list[str]]:
+    """Import the libraries behind each tokenizer type (default: all of ``TOKENIZER_TYPES``).
+
+    Returns ``{type: ["module version", ...]}``; raises ImportError naming the tokenizer type and
+    the package to install when one is missing. The container build runs this for every type."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for tokenizer_type in TOKENIZER_TYPES if types is None else types:
+        if tokenizer_type not in TOKENIZER_LIBRARIES:
+            raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+        found = []
+        for spec in TOKENIZER_LIBRARIES[tokenizer_type]:
+            module, _, attr = spec.partition(":")
+            top = module.split(".")[0]
+            package = _PACKAGE_OF.get(top, top)
+            try:
+                mod = importlib.import_module(module)
+                if attr:
+                    getattr(mod, attr)
+            except (ImportError, AttributeError) as exc:
+                raise ImportError(f"tokenizer type {tokenizer_type} needs {spec} (pip package {package!r}): "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            try:
+                found.append(f"{module} {version(package)}")
+            except PackageNotFoundError:
+                found.append(module)
+        out[tokenizer_type] = list(dict.fromkeys(found))
+    return out
+
+
 # --------------------------------------------------------------------------- entry point
 def load_tokenizer(tokenizer_type: str, model_path: str, **kwargs) -> Tokenizer:
     """Load a tokenizer by Megatron-LM type name from a local file or directory.

@@ -4,6 +4,7 @@ installed) and its pins and install lines are checked against pyproject.toml and
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shutil
 import subprocess
@@ -137,3 +138,106 @@ def test_no_secrets_and_context_is_filtered():
     readme = PYPROJECT["project"].get("readme")
     if readme:
         assert f"COPY pyproject.toml {readme}" in TEXT, "the build backend needs the readme"
+
+
+# ------------------------------------------------------------------------------- tokenizer libraries
+
+def _recipe_tokenizer_types() -> dict[str, str]:
+    import yaml
+
+    types = {}
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        tok = (yaml.safe_load(path.read_text()) or {}).get("tokenizer") or {}
+        if tok.get("type"):
+            types[str(path.relative_to(REPO))] = tok["type"]
+    return types
+
+
+def _build_tokenizer_check_types() -> set[str]:
+    """The tokenizer types whose libraries the image build imports (check_tokenizer_libraries in a RUN)."""
+    import ast
+
+    from periln_megatron.tokenizer import TOKENIZER_TYPES
+
+    runs = [i for i in INSTRUCTIONS if i.startswith("RUN ")]
+    snippets = [s for run in runs for s in re.findall(r'python -c "([^"]*)"', run) if "check_tokenizer_libraries" in s]
+    assert snippets, "no RUN imports the tokenizer libraries (periln_megatron.tokenizer.check_tokenizer_libraries)"
+    covered = set()
+    for snippet in snippets:
+        tree = ast.parse(snippet.replace("; ", "\n"))
+        names = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module == "periln_megatron.tokenizer" for a in node.names if a.name == "check_tokenizer_libraries"}
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            if isinstance(call.func, ast.Name) and call.func.id in names:
+                covered |= set(TOKENIZER_TYPES if not call.args else ast.literal_eval(call.args[0]))
+    return covered
+
+
+def test_build_imports_every_tokenizer_a_recipe_can_name():
+    from periln_megatron.config import CHOICES
+    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
+
+    used = _recipe_tokenizer_types()
+    assert "TikTokenizer" in used.values(), used  # the paper recipes (cl100k)
+    nameable = {t for t in CHOICES["tokenizer.type"] if t}
+    assert set(used.values()) <= nameable <= set(TOKENIZER_TYPES) == set(TOKENIZER_LIBRARIES)
+    covered = _build_tokenizer_check_types()
+    assert nameable <= covered, f"the image build does not import the libraries of {sorted(nameable - covered)}"
+    # after this package is installed, i.e. in (or after) the RUN that installs it
+    runs = [i for i in INSTRUCTIONS if i.startswith("RUN ")]
+    own = next(n for n, r in enumerate(runs) if "pip install --no-deps --no-build-isolation ." in r)
+    for n, r in enumerate(runs):
+        if "check_tokenizer_libraries" in r:
+            assert n > own or (n == own and r.index("check_tokenizer_libraries")
+                               > r.index("pip install --no-deps --no-build-isolation .")), r
+
+
+def test_tokenizer_libraries_are_runtime_dependencies():
+    """Each library a tokenizer type imports comes with `pip install periln-megatron`: its distribution
+    is a runtime dependency in pyproject.toml or a requirement of one (tokenizers of transformers)."""
+    from importlib.metadata import packages_distributions, requires
+
+    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    deps = {norm(Requirement(d).name) for d in PYPROJECT["project"]["dependencies"]}
+    reach = set(deps)
+    for dep in deps:
+        reach |= {norm(Requirement(r).name) for r in requires(dep) or [] if "extra ==" not in (str(Requirement(r).marker) or "")}
+    dists = packages_distributions()
+    for tokenizer_type, specs in TOKENIZER_LIBRARIES.items():
+        for spec in specs:
+            top = spec.partition(":")[0].split(".")[0]
+            provided = {norm(d) for d in dists.get(top, [])}
+            assert provided & reach, f"{tokenizer_type}: {spec} ({sorted(provided)}) is not a runtime dependency"
+    assert "tiktoken" in deps
+
+
+def test_tokenizer_check_imports_each_library():
+    """In a fresh interpreter: none of the libraries is imported before the check, all are after."""
+    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
+
+    modules = sorted({spec.partition(":")[0] for specs in TOKENIZER_LIBRARIES.values() for spec in specs})
+    code = ("import json, sys; from periln_megatron.tokenizer import check_tokenizer_libraries as check; "
+            f"mods = {modules!r}; before = [m for m in mods if m in sys.modules]; result = check(); "
+            "print(json.dumps({'before': before, 'after': [m for m in mods if m in sys.modules], 'result': result}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["before"] == [] and out["after"] == modules, out
+    assert list(out["result"]) == list(TOKENIZER_TYPES)
+    assert any(v.startswith("tiktoken ") for v in out["result"]["TikTokenizer"]), out["result"]
+    assert all(re.fullmatch(r"\S+ \d+\.\d+\S*", v) for vs in out["result"].values() for v in vs), out["result"]
+
+
+def test_tokenizer_check_names_a_missing_library(monkeypatch):
+    from periln_megatron.tokenizer import check_tokenizer_libraries
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now fails
+    with pytest.raises(ImportError, match="TikTokenizer needs tiktoken:Encoding \\(pip package 'tiktoken'\\)"):
+        check_tokenizer_libraries(["TikTokenizer"])
+    assert list(check_tokenizer_libraries(["SentencePieceTokenizer"])) == ["SentencePieceTokenizer"]
+    with pytest.raises(ValueError, match="unknown tokenizer type"):
+        check_tokenizer_libraries(["GPT2BPETokenizer"])
