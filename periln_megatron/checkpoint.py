@@ -216,9 +216,27 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
 
 
+class CheckpointError(RuntimeError):
+    pass
+
+
+# Transformer Engine's per-module FP8 metadata; a checkpoint from the local backend has none, and
+# a te model then keeps its fresh (unscaled) state.
+_EXTRA_STATE = "_extra_state"
+
+
+def _check_absent_keys(directory: Path, absent: set) -> None:
+    """Keys this model asks for that the checkpoint lacks: only TE's extra state may be absent."""
+    real = sorted(k for k in absent if not k.endswith(_EXTRA_STATE))
+    if real:
+        raise CheckpointError(f"{directory}: the checkpoint has no {', '.join(real[:8])}"
+                              f"{' ...' if len(real) > 8 else ''} ({len(real)} keys): a different model or placement?")
+
+
 def load(directory: Path, chunks, optimizer, scheduler) -> int:
     """Load a checkpoint directory into the model (and optimizer/scheduler if given); return its iteration."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     directory = Path(directory)
     common = dist_checkpointing.load_common_state_dict(str(directory))
@@ -226,11 +244,15 @@ def load(directory: Path, chunks, optimizer, scheduler) -> int:
         state = _sharded_state(chunks, optimizer, is_loading=True)
         if optimizer is not None and common.get("layout") == _layout():
             state["rng_state"] = _rng_object()  # RNG streams only carry over to the same layout
-        loaded = dist_checkpointing.load(state, str(directory))
+        loaded, _, absent = dist_checkpointing.load(state, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
+        _check_absent_keys(directory, absent)
         from megatron.core.utils import unwrap_model
 
         for key, chunk in zip(_model_keys(chunks), unwrap_model(chunks)):
-            chunk.load_state_dict(loaded[key])
+            result = chunk.load_state_dict(loaded[key], strict=False)
+            left = [k for k in result.missing_keys + result.unexpected_keys if not k.endswith(_EXTRA_STATE)]
+            if left:
+                raise CheckpointError(f"{directory}: the model and the checkpoint disagree on {', '.join(left[:8])}")
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in common:

@@ -159,6 +159,12 @@ class NormAfterAdd(torch.nn.Module):
 
 # ---------------------------------------------------------------------------- specs
 
+# Separate input norms (local backend) are saved under the names of TE's fused norm+linear.
+TE_INPUT_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
 def _provider(backend: str):
     if backend == "te":
         # Importable without TE (its classes are then placeholders): the spec can be inspected
@@ -236,6 +242,9 @@ def get_layer_spec(config: TransformerConfig, placement: str = "peri", backend: 
             pre_mlp_layernorm=input_norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=input_linear, linear_fc2=output_linear())),
             mlp_bda=bda(),
+            # Checkpoint keys are the backend-independent TE names (as megatron-core's local spec
+            # does), so a local checkpoint (CPU runs, convert_from_hf.py) loads into a te recipe.
+            sharded_state_dict_keys_map=TE_INPUT_NORM_KEYS if input_norm is not IdentityOp else {},
         ),
     )
 

@@ -143,6 +143,62 @@ def test_te_spec_structure_without_te():
     assert specs.get_block_spec(make_config(), "post", "te").layer_norm is None
 
 
+def _te_parameter_names(spec, prefix: str, normalization: str) -> set[str]:
+    """Parameter names a te model built from `spec` has, from the spec's TE classes and the
+    parameters Transformer Engine gives them (LayerNormLinear: weight, layer_norm_weight,
+    layer_norm_bias for LayerNorm; Linear without bias: weight; RMSNorm: weight; LayerNorm: weight, bias)."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    norm = {"weight"} if normalization == "RMSNorm" else {"weight", "bias"}
+    module = spec.module if isinstance(spec, ModuleSpec) else spec
+    if module is te_ext.TELayerNormColumnParallelLinear:
+        return {prefix + n for n in {"weight"} | {"layer_norm_" + n for n in norm}}
+    if module in (te_ext.TEColumnParallelLinear, te_ext.TERowParallelLinear):
+        return {prefix + "weight"}
+    if module is te_ext.TENorm:
+        return {prefix + n for n in norm}
+    if module in (IdentityOp, IdentityFuncOp, te_ext.TEDotProductAttention) or not isinstance(module, type):
+        return set()  # no parameters (bias-dropout-add functions, identity, attention kernel)
+    if module is specs.RowParallelLinearWithOutNorm:
+        return (_te_parameter_names(spec.params["linear"], prefix, normalization)
+                | _te_parameter_names(spec.submodules.out_norm, prefix + "out_norm.", normalization))
+    if module is specs.NormAfterAdd:
+        return _te_parameter_names(spec.submodules.norm, prefix + "norm.", normalization)
+    assert isinstance(spec, ModuleSpec) and spec.submodules is not None, f"{prefix}: unknown module {module}"
+    names = set()
+    for field, sub in vars(spec.submodules).items():
+        if field != "sharded_state_dict_keys_map":
+            names |= _te_parameter_names(sub, f"{prefix}{field}.", normalization)
+    return names
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("placement", specs.PLACEMENTS)
+def test_local_checkpoint_keys_are_the_te_names(placement, normalization):
+    """A local-backend model (CPU runs, convert_from_hf.py) saves under the names the te model
+    has, so its checkpoints load into te recipes (and back)."""
+    model = build(placement, normalization=normalization)
+    saved = {v.key for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    te_layer = _te_parameter_names(specs.get_layer_spec(make_config(normalization=normalization), placement, "te"),
+                                   "", normalization)
+    expected = {f"decoder.layers.{name}" for name in te_layer} | {"embedding.word_embeddings.weight", "output_layer.weight"}
+    if placement != "post":
+        expected |= {f"decoder.final_layernorm.{n}" for n in (["weight"] if normalization == "RMSNorm" else ["weight", "bias"])}
+    assert saved == expected
+    assert len(te_layer) >= 4
+
+
+@needs_te_gpu
+@pytest.mark.parametrize("placement", specs.PLACEMENTS)
+def test_local_and_te_models_have_the_same_checkpoint_keys(placement):
+    local = {v.key for k, v in build(placement).sharded_state_dict().items() if not k.endswith("_extra_state")}
+    te = {v.key for k, v in build(placement, backend="te").cuda().sharded_state_dict().items()
+          if not k.endswith("_extra_state")}
+    assert local == te
+
+
 @needs_te_gpu
 @pytest.mark.parametrize("placement", specs.PLACEMENTS)
 def test_te_model_modules(placement):
