@@ -232,11 +232,12 @@ class SentencePieceTokenizer(Tokenizer):
 
 # --------------------------------------------------------------------------- Hugging Face
 class HuggingFaceTokenizer(Tokenizer):
-    """A local Hugging Face tokenizer directory (or tokenizer.json), as Megatron-LM uses it:
-    ``tokenizer(text).input_ids`` (the tokenizer's own special tokens, e.g. a BOS, included),
-    EOD = ``eos_token_id``, vocab size = ``len(tokenizer)``."""
+    """A local Hugging Face tokenizer directory (or tokenizer.json), as Megatron-LM 0.16's
+    preprocessing uses it: the text's own tokens only, no BOS or other template tokens, unless
+    ``include_special_tokens`` (Megatron-LM's ``--tokenizer-hf-include-special-tokens``) asks for
+    ``tokenizer(text).input_ids``. EOD = ``eos_token_id``, vocab size = ``len(tokenizer)``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, include_special_tokens: bool = False):
         import os
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -259,11 +260,12 @@ class HuggingFaceTokenizer(Tokenizer):
         if eod is None:
             raise ValueError(f"{path}: the tokenizer has no eos token to use as end-of-document")
         self.eod_id = int(eod)
+        self.include_special_tokens = include_special_tokens
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tok(list(texts))["input_ids"]
+        return self.tok(list(texts), add_special_tokens=self.include_special_tokens)["input_ids"]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)

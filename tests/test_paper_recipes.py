@@ -41,3 +41,30 @@ def test_overlapped_param_gather_saves_and_evaluates_gathered_weights(tmp_path):
         assert len(model_keys) > 10
         for key in expected:
             assert torch.equal(got[key], expected[key]), f"{name}: {key} differs"
+
+
+def test_huggingface_tokenizer_adds_no_bos_like_megatron_lm(tmp_path):
+    """Megatron-LM 0.16's preprocessing encodes a document without the tokenizer's template tokens
+    (no BOS) unless --tokenizer-hf-include-special-tokens; ours matches, compared with megatron-core's
+    own HuggingFaceTokenizer library class on a tokenizer whose template adds <s>."""
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import HuggingFaceTokenizer as MegatronHF
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from periln_megatron.tokenizer import load_tokenizer
+
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "."]
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(tmp_path)
+
+    text = "the cat sat on a mat . the dog"
+    ours = load_tokenizer("HuggingFaceTokenizer", str(tmp_path))
+    megatron = MegatronHF(str(tmp_path))  # Megatron-LM's default: include_special_tokens=False
+    assert ours.encode(text) == megatron.text_to_ids(text) == [vocab[w] for w in text.split()]
+    with_bos = load_tokenizer("HuggingFaceTokenizer", str(tmp_path), include_special_tokens=True)
+    assert with_bos.encode(text) == MegatronHF(str(tmp_path), include_special_tokens=True).text_to_ids(text)
+    assert with_bos.encode(text)[0] == 1 and ours.eod_id == 2
