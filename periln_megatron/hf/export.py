@@ -163,6 +163,12 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
         from periln_megatron.hf.tokenizer import export_tokenizer
 
         special = export_tokenizer(tok_type, recipe.tokenizer.model, tmp, s.seq_length)
+        outside = {k: v for k, v in special.items() if not 0 <= v < s.vocab}
+        if outside:  # e.g. a recipe whose vocab_size is smaller than its tokenizer's special ids
+            from periln_megatron.hf.tokenizer import TokenizerExportError
+
+            raise TokenizerExportError(f"{recipe.tokenizer.model}: special token ids {outside} lie outside the model's "
+                                       f"vocabulary of {s.vocab} (model/tokenizer vocab_size in the recipe)")
         if not tok_type:
             log("no tokenizer in the recipe (or --skip-tokenizer): writing weights and config only")
         write_sharded(tmp, entries, max_shard_size, log)
