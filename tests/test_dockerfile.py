@@ -205,7 +205,8 @@ def test_tokenizer_libraries_are_runtime_dependencies():
     deps = {norm(Requirement(d).name) for d in PYPROJECT["project"]["dependencies"]}
     reach = set(deps)
     for dep in deps:
-        reach |= {norm(Requirement(r).name) for r in requires(dep) or [] if "extra ==" not in (str(Requirement(r).marker) or "")}
+        reach |= {norm(Requirement(r).name) for r in requires(dep) or []
+                  if "extra ==" not in str(Requirement(r).marker or "")}
     dists = packages_distributions()
     for tokenizer_type, specs in TOKENIZER_LIBRARIES.items():
         for spec in specs:
