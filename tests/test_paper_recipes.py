@@ -1,6 +1,7 @@
 """The paper recipes' own flags on CPU: overlapped parameter gather, backend-independent checkpoints."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,3 +69,98 @@ def test_huggingface_tokenizer_adds_no_bos_like_megatron_lm(tmp_path):
     with_bos = load_tokenizer("HuggingFaceTokenizer", str(tmp_path), include_special_tokens=True)
     assert with_bos.encode(text) == MegatronHF(str(tmp_path), include_special_tokens=True).text_to_ids(text)
     assert with_bos.encode(text)[0] == 1 and ours.eod_id == 2
+
+
+# ------------------------------------------------------------------------------------ rehearsal
+# Each shipped paper recipe through the trainer on CPU. Only these change: model dimensions, steps
+# and batch (and the intervals and warmup that must fit in them), the backend (local: no TE here),
+# and data/tokenizer files, replaced by local files of the same type (a cl100k-named .tiktoken, so
+# the recipe's tokenizer.vocab_size 100277 stays). Kept as shipped: bf16, the distributed optimizer
+# with both overlap flags, SP, the TP x PP layout (at DP=2), split, untied embeddings, the placement.
+PAPER_RECIPES = ["peri_ln/400m", "pre_ln/400m", "post_ln/400m", "peri_ln/1.5b", "pre_ln/1.5b",
+                 "peri_ln/3.2b", "pre_ln/3.2b"]
+SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+          "model.seq_length=64", "model.backend=local", "train.steps=3", "train.global_batch_size=4",
+          "train.micro_batch_size=1", "train.eval_interval=2", "train.eval_iters=1", "optim.warmup_steps=1",
+          "checkpoint.interval=2", "diagnostics.interval=2", "logging.interval=1", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def cl100k_like_data(tmp_path_factory):
+    """A cl100k-named tiktoken file trained on Shakespeare, and the speeches preprocessed with it."""
+    import sys
+
+    import corpus
+    from launch import run
+    from tiktoken_fixture import make_tiktoken_file
+
+    tmp = tmp_path_factory.mktemp("cl100k")
+    speeches = corpus.shakespeare_speeches()
+    tok = make_tiktoken_file(tmp / "tokenizers" / "cl100k_base.tiktoken", speeches, vocab_size=1024)
+    jsonl = tmp / "speeches.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    run([sys.executable, "tools/preprocess_data.py", "--input", str(jsonl), "--output-prefix", str(tmp / "speeches"),
+         "--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(tok), "--append-eod", "--workers", "1"],
+        timeout=300)
+    return tok, tmp / "speeches_text_document"
+
+
+def _layout(recipe_path):
+    from periln_megatron.config import load_recipe
+
+    recipe = load_recipe(recipe_path, check_environment=False)
+    return recipe.parallel, recipe.precision.preset
+
+
+def _train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipe_rehearsal(name, cl100k_like_data, tmp_path):
+    """Train, save, resume exactly, export with its tokenizer, load in transformers, same logits."""
+    import shutil
+    import sys
+
+    import corpus
+    from launch import run
+
+    recipe_path = f"recipes/{name}.yaml"
+    parallel, preset = _layout(recipe_path)
+    assert preset == "bf16" and parallel.distributed_optimizer and parallel.overlap_param_gather
+    nproc = parallel.tp * parallel.pp * 2
+    tok, prefix = cl100k_like_data
+    ckpt = tmp_path / "ckpt"
+    args = ["-m", "periln_megatron.train", "--recipe", recipe_path, "--set", *SHRINK, f"data.prefixes=[{prefix}]",
+            f"tokenizer.model={tok}"]
+    out = run_torchrun(nproc, [*args, f"checkpoint.dir={ckpt}"], timeout=420).stdout
+    assert f"tp={parallel.tp} pp={parallel.pp} vpp=None cp=1 dp=2" in out
+    straight = _train_losses(ckpt)
+    assert sorted(straight) == [1, 2, 3] and all(math.isfinite(v) for v in straight.values())
+    assert [r["step"] for r in records(ckpt) if "valid_loss" in r] == [2]
+    assert [len(r["layer_variance"]) for r in records(ckpt) if "layer_variance" in r] == [4]  # diagnostics, step 2
+
+    resumed = tmp_path / "resumed"  # from iteration 2, as a requeued job would
+    shutil.copytree(ckpt / "iter_0000002", resumed / "iter_0000002")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
+    out = run_torchrun(nproc, [*args, f"checkpoint.dir={resumed}"], timeout=420).stdout
+    assert "resumed from iteration 2" in out
+    assert _train_losses(resumed)[3] == straight[3]
+
+    hf = tmp_path / "hf"
+    run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(hf)], timeout=180)
+    from transformers import AutoTokenizer
+
+    from periln_megatron.tokenizer import load_tokenizer
+
+    ours, exported = load_tokenizer("TikTokenizer", str(tok)), AutoTokenizer.from_pretrained(hf)
+    for text in corpus.wikitext_paragraphs("test")[:50]:
+        assert exported(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert exported.convert_tokens_to_ids("<|endoftext|>") == ours.eod_id == 100257
+
+    parity = tmp_path / "parity.json"
+    run([sys.executable, "tests/workers/hf_parity.py", str(ckpt / "iter_0000003"), str(hf), str(parity)], timeout=180)
+    result = json.loads(parity.read_text())
+    assert result["shape"][-1] == 100277
+    assert result["max_abs_diff"] <= 1e-4, result
+    assert result["megatron_greedy"] == result["hf_greedy"], result
