@@ -132,9 +132,12 @@ periln_prepare() {
     done
     read -r -a extra_args <<<"${EXTRA_ARGS:-}"
 
-    # One task per GPU: srun inherits the allocation's --ntasks-per-node. A rank's exit 75 is not
-    # an error to tear the others down for (they are saving too), hence --kill-on-bad-exit=0.
-    PERILN_SRUN=(srun --kill-on-bad-exit=0)
+    # One task per GPU: srun inherits the allocation's --ntasks-per-node. --kill-on-bad-exit=1: the
+    # first rank that dies or exits non-zero ends the step (SIGTERM to the rest, SIGKILL KillWait
+    # later) instead of leaving the others blocked in a collective until the process-group timeout.
+    # Exit 75 must not count as bad (the others are still shutting down after the same save), so
+    # each rank runs under PERILN_RANK_WRAPPER, which reports 75 to srun as 0 and records it.
+    PERILN_SRUN=(srun --kill-on-bad-exit=1)
     local -a launcher
     if [ -n "${CONTAINER_IMAGE:-}" ]; then
         srun --help 2>&1 | grep -q -- '--container-image' ||
@@ -211,6 +214,59 @@ PY
     esac
 }
 
+# ---------------------------------------------------------------------------- rank exit status
+# Every rank runs as `bash -c "$PERILN_RANK_WRAPPER" periln-rank TRAINER ARGS...`. It writes the
+# trainer's exit status to $PERILN_EXIT_DIR/<rank> (shared storage: under CKPT_DIR) and turns 75 into
+# 0, so that srun --kill-on-bad-exit does not cancel the step while the other ranks still exit from
+# the same save. Slurm signals every process of a step: the trap keeps this shell waiting for the
+# trainer, which acts on TERM/USR1 itself (a trapped signal waits for the foreground command).
+# shellcheck disable=SC2016  # expanded by the rank's shell, not here
+readonly PERILN_RANK_WRAPPER='trap : TERM USR1
+"$@"
+rc=$?
+printf "%s\n" "$rc" >"$PERILN_EXIT_DIR/$SLURM_PROCID" || exit "$rc"
+[ "$rc" -eq 75 ] && exit 0
+exit "$rc"'
+
+# Read the ranks' statuses, then remove them: PERILN_SAVED counts the ranks that exited 75 (saved
+# and stopped); PERILN_RANK_FAILURE is the first status (by time written) that is neither 0 nor 75,
+# empty if none: the rank that failed first, not one that failed because of it; PERILN_RANK_SUMMARY
+# says which ranks exited how, for the log.
+periln_collect_exits() {
+    PERILN_SAVED=0
+    PERILN_RANK_FAILURE=""
+    PERILN_RANK_SUMMARY=""
+    local rank code n _ seen=0
+    local -a codes=()
+    local -A ranks_of=() count_of=()
+    while read -r _ rank; do
+        [[ $rank =~ ^[0-9]+$ ]] || continue
+        code=$(<"$PERILN_EXIT_DIR/$rank")
+        [[ $code =~ ^[0-9]+$ ]] || continue
+        seen=$((seen + 1))
+        ranks_of[$code]+="${ranks_of[$code]:+,}$rank"
+        count_of[$code]=$((${count_of[$code]:-0} + 1))
+        if [ "$code" -eq "$PERILN_EXIT_REQUEUE" ]; then
+            PERILN_SAVED=$((PERILN_SAVED + 1))
+        elif [ "$code" -ne "$PERILN_EXIT_DONE" ] && [ -z "$PERILN_RANK_FAILURE" ]; then
+            PERILN_RANK_FAILURE=$code
+        fi
+    done < <(find "$PERILN_EXIT_DIR" -maxdepth 1 -type f -printf '%T@ %f\n' 2>/dev/null | sort -k1,1n -k2,2n)
+    mapfile -t codes < <(printf '%s\n' "${!ranks_of[@]}" | sort -n)
+    for code in "${codes[@]}"; do
+        [ -n "$code" ] || continue
+        n=${count_of[$code]}
+        if [ "$n" -le 8 ]; then n="rank ${ranks_of[$code]}"; else n="$n ranks"; fi
+        PERILN_RANK_SUMMARY+="${PERILN_RANK_SUMMARY:+, }exit $code on $n"
+    done
+    n=$((${SLURM_NTASKS:-$seen} - seen))
+    [ "$n" -gt 0 ] && PERILN_RANK_SUMMARY+="${PERILN_RANK_SUMMARY:+, }$n rank(s) without a status (stopped by Slurm, or never started)"
+    : "${PERILN_RANK_SUMMARY:=no rank status}"
+    rm -rf "$PERILN_EXIT_DIR"
+    rmdir "${PERILN_EXIT_DIR%/*}" 2>/dev/null
+    return 0
+}
+
 # ---------------------------------------------------------------------------- signals
 # The batch shell alone receives `--signal=B:USR1@N` (and `scancel --signal=USR1 --batch`): pass it
 # to the srun step, whose tasks save a checkpoint at the next step boundary and exit 75.
@@ -239,9 +295,14 @@ periln_main() {
     periln_log "recipe $RECIPE, checkpoints $CKPT_DIR${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
     periln_log "launch: ${PERILN_SRUN[*]} ${PERILN_CMD[*]}"
 
+    PERILN_EXIT_DIR="$CKPT_DIR/.periln-exit/${SLURM_JOB_ID:-$$}"
+    rm -rf "$PERILN_EXIT_DIR"
+    mkdir -p "$PERILN_EXIT_DIR" || periln_die "cannot create $PERILN_EXIT_DIR (the ranks' exit statuses)"
+    export PERILN_EXIT_DIR
+
     trap periln_on_usr1 USR1
     trap periln_on_term TERM
-    "${PERILN_SRUN[@]}" "${PERILN_CMD[@]}" &
+    "${PERILN_SRUN[@]}" bash -c "$PERILN_RANK_WRAPPER" periln-rank "${PERILN_CMD[@]}" &
     PERILN_SRUN_PID=$!
     local rc
     while :; do
@@ -255,24 +316,33 @@ periln_main() {
     done
     trap - USR1 TERM
 
-    case "$rc" in
-        "$PERILN_EXIT_DONE")
-            periln_log "training finished (exit 0)"
-            exit 0 ;;
-        "$PERILN_EXIT_REQUEUE")
-            if [ "$PERILN_GOT_TERM" -eq 1 ]; then
-                periln_log "checkpoint saved after SIGTERM; not requeueing (Slurm requeues preempted jobs itself)"
-                exit 0
-            fi
-            local restarts=${SLURM_RESTART_COUNT:-0}
-            if [ "$restarts" -ge "${MAX_REQUEUES:-100}" ]; then
-                periln_die "checkpoint saved, but restart $restarts reached MAX_REQUEUES=${MAX_REQUEUES:-100}; not requeueing"
-            fi
-            periln_log "checkpoint saved (exit 75); requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
-            scontrol requeue "$SLURM_JOB_ID" || periln_die "scontrol requeue $SLURM_JOB_ID failed (does the cluster allow requeue? see #SBATCH --requeue)"
-            exit 0 ;;
-        *)
-            periln_log "training failed: srun exit status $rc"
-            exit "$rc" ;;
-    esac
+    periln_collect_exits
+    # A rank exits 75 only after the save's closing barrier, which comes after rank 0 published the
+    # checkpoint: one 75 means every rank saved. Ranks failing after that (a crash at exit, or killed
+    # by srun for it) do not undo the checkpoint. srun's own status cannot tell: a step that srun
+    # ended exits 128+SIGTERM or 128+SIGKILL, whatever the first rank's status was.
+    if [ "$PERILN_SAVED" -gt 0 ] || [ "$rc" -eq "$PERILN_EXIT_REQUEUE" ]; then
+        local marker="$CKPT_DIR/latest_checkpointed_iteration.txt" saved="checkpoint saved"
+        [ -f "$marker" ] && saved+=" (iteration $(<"$marker"))"
+        if [ "$PERILN_GOT_TERM" -eq 1 ]; then
+            periln_log "$saved after SIGTERM; not requeueing (Slurm requeues preempted jobs itself)"
+            exit 0
+        fi
+        [ "$rc" -eq 0 ] || periln_log "warning: srun exit status $rc ($PERILN_RANK_SUMMARY); the ranks saved before that"
+        local restarts=${SLURM_RESTART_COUNT:-0}
+        if [ "$restarts" -ge "${MAX_REQUEUES:-100}" ]; then
+            periln_die "$saved, but restart $restarts reached MAX_REQUEUES=${MAX_REQUEUES:-100}; not requeueing"
+        fi
+        periln_log "$saved, ranks exited 75; requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+        scontrol requeue "$SLURM_JOB_ID" || periln_die "scontrol requeue $SLURM_JOB_ID failed (does the cluster allow requeue? see #SBATCH --requeue)"
+        exit 0
+    fi
+    if [ "$rc" -eq "$PERILN_EXIT_DONE" ]; then
+        periln_log "training finished (exit 0)"
+        exit 0
+    fi
+    # Exit with the failing rank's own status (1: an exception, 3: NaN, ...) where there is one, not
+    # the 143/137 of the ranks srun stopped for it.
+    periln_log "training failed: srun exit status $rc ($PERILN_RANK_SUMMARY); not requeueing"
+    exit "${PERILN_RANK_FAILURE:-$rc}"
 }
