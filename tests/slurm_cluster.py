@@ -221,6 +221,26 @@ class SlurmCluster:
             time.sleep(0.3)
         return killed
 
+    def step_processes(self, job_id: str, rank: int) -> list[tuple[int, str, list[str]]]:
+        """(pid, comm, argv) of every process whose environment names this cluster, job `job_id` and
+        SLURM_PROCID=`rank`. Besides the task's own processes that is, for rank 0, the batch shell
+        and srun too; callers pick by comm and argv."""
+        want = {f"SLURM_CONF={self.conf}".encode(), f"SLURM_JOB_ID={job_id}".encode(),
+                f"SLURM_PROCID={rank}".encode()}
+        found = []
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                environ = set((pid_dir / "environ").read_bytes().split(b"\0"))
+                argv = (pid_dir / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+                comm = (pid_dir / "comm").read_text().strip()
+            except OSError:
+                continue
+            if want <= environ:
+                found.append((int(pid_dir.name), comm, argv))
+        return found
+
     def __enter__(self) -> "SlurmCluster":
         try:
             self.start()

@@ -6,8 +6,10 @@ that stand in for this GPU-less 2-core machine (1 node, 2 tasks, no GPUs, log in
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -187,7 +189,8 @@ def test_missing_data_prefix_in_recipe_fails_before_launch(slurm, tmp_path):
 @pytest.mark.parametrize("sets, message", [
     ("train.no_such_key=3", "train.no_such_key"),
     ("parallel.tp=2 parallel.pp=2", "world size 2"),  # TP*PP=4 cannot fit 2 ranks
-], ids=["unknown-key", "layout"])
+    ("train.distributed_timeout_minutes=0", "train.distributed_timeout_minutes"),
+], ids=["unknown-key", "layout", "timeout"])
 def test_bad_set_fails_before_launch(slurm, tmp_path, sets, message):
     job, log = submit(slurm, tmp_path, {"RECIPE": TINY, "EXTRA_SETS": sets}, "bad-set")
     info = slurm.wait_job(job, timeout=60)
@@ -260,3 +263,130 @@ def test_scancel_stops_without_requeue(slurm, tmp_path):
     assert "requeueing job" not in text
     time.sleep(2)
     assert slurm.job(job).restarts == 0 and slurm.job(job).state == "CANCELLED"
+
+
+# ----------------------------------------------------------------------------- failures and exits
+
+def trainer_pid(cluster, job: str, rank: int, timeout: float = 30) -> int:
+    """The pid of srun task `rank`'s trainer process (not its exit-status wrapper shell, not srun)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = [(pid, argv) for pid, comm, argv in cluster.step_processes(job, rank)
+                 if "--recipe" in argv and comm not in ("bash", "srun")]
+        pids = {pid for pid, _ in procs}
+        top = [pid for pid in pids if _ppid(pid) not in pids]
+        if len(top) == 1:
+            return top[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no single trainer process for rank {rank} of job {job}: {cluster.step_processes(job, rank)}")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def wait_ended(cluster, job: str, since: float, limit: float):
+    """Wait for a terminal state; returns (info, seconds from `since` until it was seen)."""
+    info = cluster.wait_job(job, timeout=limit)
+    elapsed = time.monotonic() - since
+    print(f"job {job} ended {info.state} {info.exit_code} {elapsed:.1f}s after the fault")
+    return info, elapsed
+
+
+def test_crashed_rank_ends_the_job(slurm, tmp_path):
+    """One rank dies mid-training (SIGKILL, as the OOM killer does it) while the other is blocked in a
+    way no error reaches: it is stopped (SIGSTOP), as a rank spinning in an NCCL kernel whose peer
+    is gone. srun --kill-on-bad-exit ends the step at once (SIGCONT, SIGTERM, SIGKILL after KillWait),
+    so the job fails within seconds, and the batch script does not requeue a failure. (With
+    --kill-on-bad-exit=0 this job stays RUNNING: nothing ever wakes the stopped rank.)"""
+    env = {"RECIPE": TINY, "TRAIN_STEPS": "500", "EXTRA_SETS": "checkpoint.interval=1000"}
+    job, log = submit(slurm, tmp_path, env, "crash")
+    wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
+    survivor, victim = trainer_pid(slurm, job, 0), trainer_pid(slurm, job, 1)
+    os.kill(survivor, signal.SIGSTOP)
+    os.kill(victim, signal.SIGKILL)
+    info, elapsed = wait_ended(slurm, job, time.monotonic(), limit=90)
+    time.sleep(1)  # let the batch shell finish writing
+    text = read(log)
+    assert info.state == "FAILED" and info.restarts == 0, f"{info.fields}\n{text[-4000:]}"
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to fail after a rank died\n{text[-4000:]}"
+    assert info.exit_code == "137:0", info.fields  # the dead rank's status (128 + SIGKILL), not 143 from srun
+    assert re.search(r"training failed: srun exit status \d+ \(.*exit 137 on rank 1.*\); not requeueing", text), text[-4000:]
+    assert "requeueing job" not in text and "checkpoint saved" not in text
+    time.sleep(2)
+    assert slurm.job(job).restarts == 0 and slurm.job(job).state == "FAILED"
+    assert not (tmp_path / "ckpt" / ".periln-exit").exists()
+
+
+def test_hung_rank_times_out_and_ends_the_job(slurm, tmp_path):
+    """A rank that hangs without dying (stopped: a stuck filesystem or device) is caught by the process
+    group timeout, train.distributed_timeout_minutes (0.25 min here): the waiting rank's collective
+    raises after 15 s and it exits 1, and srun then ends the step, the stopped rank included."""
+    env = {"RECIPE": TINY, "TRAIN_STEPS": "500",
+           "EXTRA_SETS": "checkpoint.interval=1000 train.distributed_timeout_minutes=0.25"}
+    job, log = submit(slurm, tmp_path, env, "hang")
+    wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
+    stopped_at = time.monotonic()
+    os.kill(trainer_pid(slurm, job, 1), signal.SIGSTOP)
+    info, elapsed = wait_ended(slurm, job, stopped_at, limit=90)
+    time.sleep(1)
+    text = read(log)
+    assert info.state == "FAILED" and info.restarts == 0, f"{info.fields}\n{text[-4000:]}"
+    assert info.exit_code == "1:0", f"{info.fields}\n{text[-4000:]}"
+    # Gloo reports the process group's timeout, i.e. the recipe key's 0.25 min, in milliseconds.
+    assert re.search(r"[Tt]imed out .*15000 ?ms", text), text[-4000:]
+    assert 14 <= elapsed < 60, f"{elapsed:.0f}s from the hang to the end of the job\n{text[-4000:]}"
+    assert re.search(r"training failed: .*exit 1 on rank 0", text), text[-4000:]
+    assert "requeueing job" not in text
+
+
+STAGGERED_STUB = """#!/bin/bash
+# Stands in for periln-train: on USR1 every rank "saves"; rank 0 then exits 75 at once, rank 1 only
+# after a slow shutdown, ending as MODE says. After the requeue both ranks finish (exit 0).
+ulimit -c 0
+if [ -e "$CKPT_DIR/saved" ]; then echo "stub rank $SLURM_PROCID: resumed and finished"; exit 0; fi
+stop() {
+    if [ "$SLURM_PROCID" = 0 ]; then touch "$CKPT_DIR/saved"; echo "stub rank 0: saved, exit 75"; exit 75; fi
+    sleep 3
+    echo "stub rank 1: shutdown done ($MODE)"
+    if [ "$MODE" = segfault ]; then kill -s SEGV $$; fi
+    exit 75
+}
+trap stop USR1
+echo "stub rank $SLURM_PROCID running"
+while :; do sleep 0.2; done
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit75", "segfault"])
+def test_staggered_exit_75_still_requeues(slurm, tmp_path, mode):
+    """Ranks leave a save one by one: rank 0 exits 75 while rank 1 still shuts down (3 s here). With
+    --kill-on-bad-exit a bare 75 would make srun cancel the step: rank 1 SIGTERMed, srun exit 143,
+    no requeue. Each rank's wrapper reports 75 as 0 and records it, so rank 1 finishes undisturbed
+    and the job requeues; a rank that crashes after the save (segfault at exit) does not undo it.
+    The trainer is a stub: the batch script's decision is under test."""
+    stub = tmp_path / "stub-train"
+    stub.write_text(STAGGERED_STUB)
+    stub.chmod(0o755)
+    env = {"RECIPE": TINY, "PERILN_TRAIN": str(stub), "MODE": mode}
+    job, log = submit(slurm, tmp_path, env, f"stagger-{mode}")
+    wait_for_log(slurm, job, log, r"^stub rank 1 running", timeout=60)
+    wait_for_log(slurm, job, log, r"^stub rank 0 running", timeout=60)
+    slurm._run(["scancel", "--signal=USR1", "--batch", job])
+    wait_for_log(slurm, job, log, r"requeueing job", timeout=60)
+    info = wait_through_requeue(slurm, job, timeout=120)
+    must(info, log)
+    text = read(log)
+    first, _, second = text.partition("requeueing job")
+    assert info.restarts == 1, info.fields
+    assert f"stub rank 1: shutdown done ({mode})" in first, first[-3000:]
+    assert "Terminated" not in first and "CANCELLED" not in first, first[-3000:]
+    if mode == "exit75":
+        assert "warning:" not in first, first[-3000:]
+    else:
+        assert re.search(r"warning: srun exit status 139 \(exit 75 on rank 0, exit 139 on rank 1\)", first), first[-3000:]
+    assert "stub rank 0: resumed and finished" in second and "stub rank 1: resumed and finished" in second
+    assert "training finished (exit 0)" in second
