@@ -116,9 +116,16 @@ def check_layout(
         if getattr(layout, name) < 1:
             raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(layout, name)}", f"parallel.{name}")
     if world_size % layout.model_parallel:
+        # the key to fix: the first of tp, pp, cp whose running product no longer divides the world
+        product, key = 1, "parallel.cp"
+        for name in ("tp", "pp", "cp"):
+            product *= getattr(layout, name)
+            if world_size % product:
+                key = f"parallel.{name}"
+                break
         raise LayoutError(
             f"world size {world_size} is not divisible by tp*pp*cp = "
-            f"{layout.tp}*{layout.pp}*{layout.cp} = {layout.model_parallel}", "parallel.tp"
+            f"{layout.tp}*{layout.pp}*{layout.cp} = {layout.model_parallel}", key
         )
     if layout.sequence_parallel and layout.tp == 1:
         raise LayoutError("parallel.sequence_parallel needs parallel.tp > 1", "parallel.sequence_parallel")
