@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	@if [ -x tools/ensure_slurm.sh ]; then tools/ensure_slurm.sh; fi
 	$(PY) -m pytest -q tests
+
+# On a GPU machine (inside the container): te backend, bf16/FP8, TP/SP on 2 GPUs, checkpoints -> HF.
+# Uses the image's python and CUDA builds (not .venv, whose torch is the CPU wheel).
+gpu-check:
+	$(PYTHON) tools/gpu_smoke.py --record benchmarks/RESULTS_gpu_smoke.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,6 +22,7 @@ def main():
 
     recipe = load_checkpoint_recipe(iter_dir)
     recipe.precision.preset = "fp32"  # compare in fp32 (bf16 checkpoints are upcast on load)
+    recipe.model.backend = "local"  # on CPU; checkpoint keys are the same for te checkpoints
     megatron_side.init_single_process()
     padded = megatron_side.single_process_recipe(recipe).padded_vocab_size()
     model = megatron_side.build_model(recipe, padded, torch.float32)
