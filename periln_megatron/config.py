@@ -191,15 +191,47 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, at any depth (plain YAML keeps
+    the last and silently drops the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; later keys override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKeyError(problem=f"duplicate key `{key}` (first at line {first[key]})",
+                                                 problem_mark=key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     if path.resolve() in seen:
         raise RecipeError(f"{path}: `base` chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+    except _DuplicateKeyError as e:
+        raise RecipeError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "; ".join(str(x) for x in (e.context, e.problem) if x)
+        raise RecipeError(f"{where}: invalid YAML: {what}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+        raise RecipeError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)

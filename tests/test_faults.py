@@ -41,6 +41,45 @@ def _one_line_error(result, prefix: str) -> str:
     return lines[0]
 
 
+# ------------------------------------------------------------------------------ recipe YAML
+
+DUPLICATES = {
+    "top level": ("model:\n  num_layers: 4\nmodel:\n  num_layers: 8\n", 3, "model"),
+    "nested": ("model:\n  num_layers: 4\n  hidden_size: 64\n  num_layers: 8\n", 4, "num_layers"),
+    "flow mapping": ("parallel: {tp: 1, pp: 1, tp: 2}\n", 1, "tp"),
+    "deep": ("data:\n  synthetic: true\n  blend:\n    a: 1\n    a: 2\n", 5, "a"),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_recipe_duplicate_key_names_file_and_line(tmp_path, case):
+    """A key given twice in a recipe (at any nesting level) is an error naming the file, the line of
+    the second occurrence and the key, instead of the first block being silently dropped."""
+    from periln_megatron.config import RecipeError, load_recipe
+
+    text, line, key = DUPLICATES[case]
+    path = tmp_path / "r.yaml"
+    path.write_text(f"base: {REPO / 'recipes/tiny/peri_ln.yaml'}\n" + text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert f"{path}:{line + 1}:" in message and f"duplicate key `{key}`" in message, message
+    assert "\n" not in message
+
+
+def test_recipe_duplicate_key_in_a_base_names_the_base(tmp_path):
+    """A duplicate in a `base:` file names that file; periln-params reports it in one line, exit 2."""
+    base = tmp_path / "base.yaml"
+    base.write_text((REPO / "recipes/tiny/peri_ln.yaml").read_text() + "train: {steps: 5}\n")
+    line = len(base.read_text().splitlines())
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nname: child\n")
+    r = run([PY, "-m", "periln_megatron.params", str(child)], check=False, timeout=60)
+    assert r.returncode == 2
+    message = _one_line_error(r, "periln-params: error:")
+    assert f"{base}:{line}:" in message and "duplicate key `train`" in message, message
+
+
 # ------------------------------------------------------------------------------ parallel layout
 
 @pytest.mark.parametrize("sets,world,key", [
