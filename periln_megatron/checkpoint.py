@@ -45,6 +45,122 @@ def latest_iteration(root: str | os.PathLike | None) -> int | None:
     return iteration
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, incomplete, or of another model. One line."""
+
+
+def verify_iteration(directory: Path) -> None:
+    """Cheap integrity check of one torch_dist iteration: the common state and the metadata load,
+    and every byte range the metadata points at lies inside its `.distcp` file (a truncated or
+    missing shard is caught; flipped bits inside a file are not)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    directory = Path(directory)
+    for name in (".metadata", "common.pt"):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing: iteration {directory.name} is incomplete")
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"{directory / '.metadata'} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        torch.load(directory / "common.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{directory / 'common.pt'} is unreadable ({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        have = path.stat().st_size if path.is_file() else None
+        if have is None or have < size:
+            raise CheckpointError(f"{path} is {'missing' if have is None else f'truncated ({have} of {size} bytes)'}")
+
+
+def has_optimizer_state(directory: Path) -> bool:
+    """False for weights-only checkpoints (convert_from_hf.py's): resume starts a fresh optimizer."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return any(key.startswith("optimizer.") for key in keys)
+
+
+def saved_iterations(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit() and p.is_dir())
+
+
+def resume_iteration(root, on_corrupt: str = "fail", log=print) -> int | None:
+    """The iteration to resume from: the marker's, verified. If it is damaged, `on_corrupt`
+    "fail" raises CheckpointError (naming the file, and the intact iteration to fall back to);
+    "previous" falls back to the newest intact older iteration and says so."""
+    if not root or not (Path(root) / MARKER).is_file():
+        return None
+    marker = Path(root) / MARKER
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+    latest = int(text)
+    try:
+        if not iteration_dir(root, latest).is_dir():
+            raise CheckpointError(f"{marker} names iteration {latest}, but {iteration_dir(root, latest)} is missing")
+        verify_iteration(iteration_dir(root, latest))
+        return latest
+    except CheckpointError as damaged:
+        fallback = None
+        for older in reversed([i for i in saved_iterations(root) if i < latest]):
+            try:
+                verify_iteration(iteration_dir(root, older))
+                fallback = older
+                break
+            except CheckpointError:
+                continue
+        if on_corrupt != "previous" or fallback is None:
+            hint = (f"; iteration {fallback} is intact: set checkpoint.on_corrupt=previous to resume from it"
+                    if fallback is not None else "; no older intact iteration")
+            raise CheckpointError(f"cannot resume iteration {latest}: {damaged}{hint}") from None
+        log(f"warning: iteration {latest} is damaged ({damaged}); resuming from iteration {fallback} "
+            f"(checkpoint.on_corrupt=previous)")
+        return fallback
+
+
+# Recipe keys that decide the tensors a checkpoint holds; everything else (layout, backend,
+# precision, schedule, data) may change between a save and a resume.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_size", "placement",
+              "normalization", "embedding_norm", "untie_embeddings")
+
+
+def shape_differences(saved, new) -> list[str]:
+    """`model.key: saved -> new` for each tensor-shaping key that differs between two recipes."""
+    diffs = [f"model.{k}: {getattr(saved.model, k)} -> {getattr(new.model, k)}"
+             for k in SHAPE_KEYS if getattr(saved.model, k) != getattr(new.model, k)]
+    if saved.padded_vocab_size() != new.padded_vocab_size():
+        diffs.append(f"padded vocabulary: {saved.padded_vocab_size()} -> {new.padded_vocab_size()}")
+    return diffs
+
+
+def check_resumable(recipe) -> int | None:
+    """Before anything is written: the iteration a run will resume from (verified, see
+    `resume_iteration`), and that its saved recipe has the same model shape. Raises CheckpointError."""
+    from periln_megatron.config import RecipeError, load_recipe
+
+    root = recipe.checkpoint.dir
+    iteration = resume_iteration(root, recipe.checkpoint.on_corrupt, log=lambda msg: None)
+    if iteration is None:
+        return None
+    saved_yaml = iteration_dir(root, iteration) / "recipe.yaml"
+    if not saved_yaml.is_file():
+        return iteration
+    try:
+        saved = load_recipe(saved_yaml, check_environment=False)
+    except RecipeError:
+        return iteration  # written by an older version: the tensor load itself names any mismatch
+    diffs = shape_differences(saved, recipe)
+    if diffs:
+        raise CheckpointError(f"{iteration_dir(root, iteration)} holds a different model ({'; '.join(diffs)}); "
+                              f"use another checkpoint.dir, or checkpoint.load for initial weights of the same shape")
+    return iteration
+
+
 def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
@@ -214,10 +330,6 @@ def prune(root: Path, keep: int) -> None:
     complete = sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) <= latest)
     for old in complete[:-keep]:
         shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # Transformer Engine's per-module FP8 metadata; a checkpoint from the local backend has none, and

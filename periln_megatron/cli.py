@@ -24,6 +24,8 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="save a checkpoint and exit 75 after this many minutes")
     args = parser.parse_args(argv)
 
+    from periln_megatron.checkpoint import CheckpointError, check_resumable
+    from periln_megatron.data import TokenIdError
     from periln_megatron.runtime import read_dist_env
 
     try:
@@ -32,7 +34,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
         tokenizer = resolve_tokenizer(recipe)
         check_prefixes(recipe)
-    except (RecipeError, ValueError, FileNotFoundError) as e:
+        check_resumable(recipe)
+    except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2
 
@@ -44,6 +47,9 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except (CheckpointError, TokenIdError) as e:
+        print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         runtime.shutdown()
 

@@ -126,6 +126,7 @@ class CheckpointConfig:
     async_save: bool = False  # GPU only
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
     save_at_end: bool = True
+    on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
 
 
 @dataclass
@@ -329,6 +330,7 @@ CHOICES = {
     "precision.fp8_format": ("hybrid", "e4m3"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
+    "checkpoint.on_corrupt": ("fail", "previous"),
     "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
 }
 

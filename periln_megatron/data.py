@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from periln_megatron.config import Recipe
@@ -69,8 +70,10 @@ def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
 class MicroBatches:
     """Micro-batches of one data-parallel rank for one global batch, as dicts of tensors."""
 
-    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 vocab_size: int | None = None):
         self.dataset = dataset
+        self.vocab_size = vocab_size
         self.gbs, self.mbs = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
@@ -84,10 +87,12 @@ class MicroBatches:
         for m in range(self.num_microbatches):
             first = start + m * self.mbs
             samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.mbs)]
-            yield {
-                key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                for key in ("tokens", "labels", "loss_mask", "position_ids")
-            }
+            batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                     for key in ("tokens", "labels", "loss_mask", "position_ids")}
+            if self.vocab_size is not None and int(batch["labels"].max()) >= self.vocab_size:
+                raise TokenIdError(f"iteration {iteration + 1}: token id {int(batch['labels'].max())} >= the vocabulary "
+                                   f"size {self.vocab_size}: data.prefixes were made with another tokenizer")
+            yield batch
 
 
 def check_prefixes(recipe: Recipe) -> None:
@@ -105,8 +110,11 @@ def check_prefixes(recipe: Recipe) -> None:
     if recipe.data.synthetic:
         return
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
+    vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
     for prefix in split_blend(recipe.data.prefixes)[0]:
         _, lengths = verified_sequence_lengths(prefix)
+        if vocab:
+            check_token_ids(prefix, vocab)
         for name, bounds in zip(("train", "valid", "test"), matrix):
             if bounds is None:
                 continue
@@ -115,6 +123,29 @@ def check_prefixes(recipe: Recipe) -> None:
                 raise DataPrefixError(
                     f"{prefix}: data.split {recipe.data.split!r} leaves the {name} split {end - beg} of its "
                     f"{len(lengths)} documents and no tokens; give it more documents or change data.split")
+
+
+SCANNED_TOKENS = 1 << 24  # per prefix, from its start: a prefix made with another tokenizer shows at once
+
+
+def check_token_ids(prefix: str, vocab_size: int) -> None:
+    """No token id of the prefix's first SCANNED_TOKENS reaches the vocabulary (an embedding
+    lookup past its end is an IndexError on CPU and a device-side assert on GPU). MicroBatches
+    checks every batch as well."""
+    from periln_megatron.indexed_data import DataPrefixError, read_index_header
+
+    dtype, _, _ = read_index_header(prefix + ".idx")
+    if np.iinfo(dtype).max < vocab_size:
+        return
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    head = tokens[:SCANNED_TOKENS]
+    if head.size and int(head.max()) >= vocab_size:
+        raise DataPrefixError(f"{prefix}: token id {int(head.max())} >= the vocabulary size {vocab_size}: the "
+                              f"prefix was made with another tokenizer than tokenizer.model / model.vocab_size")
+
+
+class TokenIdError(ValueError):
+    pass
 
 
 def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:

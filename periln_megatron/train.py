@@ -270,24 +270,31 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
 
     train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    train_batches = MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
-    valid_batches = MicroBatches(valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size) if valid_ds else None
+    true_vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
+    train_batches = MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, true_vocab)
+    valid_batches = (MicroBatches(valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, true_vocab)
+                     if valid_ds else None)
 
     ckpt_root = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else None
     iteration = 0
-    latest = checkpoint.latest_iteration(ckpt_root)
+    latest = checkpoint.resume_iteration(ckpt_root, recipe.checkpoint.on_corrupt, log=print if rank0 else lambda m: None)
+    weights_from = Path(recipe.checkpoint.load) if recipe.checkpoint.load else None
     if latest is not None:
         path = checkpoint.iteration_dir(ckpt_root, latest)
-        iteration = checkpoint.load(path, chunks, optimizer, scheduler)
-        if rank0:
-            print(f"resumed from iteration {iteration} ({path})", flush=True)
-    elif recipe.checkpoint.load:
-        checkpoint.load_weights_only(Path(recipe.checkpoint.load), chunks)
+        if checkpoint.has_optimizer_state(path):
+            iteration = checkpoint.load(path, chunks, optimizer, scheduler)
+            weights_from = None
+            if rank0:
+                print(f"resumed from iteration {iteration} ({path})", flush=True)
+        else:  # e.g. written by convert_from_hf.py: weights only
+            weights_from = path
+    if weights_from is not None:
+        checkpoint.load_weights_only(weights_from, chunks)
         for chunk in chunks:  # the optimizer's fp32 copies must pick up the loaded weights
             chunk.broadcast_params()
         optimizer.reload_model_params()
         if rank0:
-            print(f"initial weights from {recipe.checkpoint.load}", flush=True)
+            print(f"initial weights from {weights_from} (fresh optimizer state, iteration 0)", flush=True)
 
     async_queue = None
     if recipe.checkpoint.async_save:
