@@ -148,7 +148,11 @@ def test_paper_recipe_rehearsal(name, cl100k_like_data, tmp_path):
     assert _train_losses(resumed)[3] == straight[3]
 
     hf = tmp_path / "hf"
-    run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(hf)], timeout=180)
+    export = run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(hf)], timeout=180, check=False)
+    if name.startswith("post_ln"):  # no stock transformers architecture computes Norm(x + F(x)) with RoPE/SwiGLU
+        assert export.returncode == 2 and "placement=post" in export.stdout and not hf.exists(), export.stdout
+        return
+    assert export.returncode == 0, export.stdout[-3000:]
     from transformers import AutoTokenizer
 
     from periln_megatron.tokenizer import load_tokenizer
