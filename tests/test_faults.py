@@ -41,6 +41,139 @@ def _one_line_error(result, prefix: str) -> str:
     return lines[0]
 
 
+# ------------------------------------------------------------------------------ real artefacts
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A real 4-step training run (checkpoints at 2 and 4; the run dir is the checkpoint dir)."""
+    ckpt = tmp_path_factory.mktemp("run") / "ckpt"
+    run_torchrun(1, ["-m", "periln_megatron.train", "--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set",
+                     f"checkpoint.dir={ckpt}", "train.steps=4", "checkpoint.interval=2", "logging.tensorboard=false"],
+                 timeout=240)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    """A tiny random Llama saved by transformers (one safetensors file)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(str(out / "single"))
+    model.save_pretrained(str(out / "sharded"), max_shard_size="40KB")
+    assert (out / "sharded" / "model.safetensors.index.json").is_file()
+    return out / "single"
+
+
+def _convert(src: Path, dst: Path, *extra, env=None):
+    return run([PY, "tools/convert_from_hf.py", str(src), str(dst), "--quiet", *extra], check=False, timeout=180,
+               env=env)
+
+
+# ------------------------------------------------------------------ convert_from_hf: target dir
+
+def test_convert_from_hf_never_touches_a_training_checkpoint(trained, hf_model, tmp_path):
+    """convert_from_hf into a training run's checkpoint dir exits 2 with one line naming the dir and
+    what is in it, with or without --overwrite; the run's files (its marker included) are untouched
+    and it can still resume."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    before = _snapshot(ckpt)
+    for extra in ([], ["--overwrite"]):
+        r = _convert(hf_model, ckpt, *extra)
+        assert r.returncode == 2, r.stdout
+        line = _one_line_error(r, "convert_from_hf: error:")
+        assert str(ckpt) in line and "iter_0000004" in line, line
+        assert _snapshot(ckpt) == before
+        assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in trained.iterdir())
+
+
+def test_convert_from_hf_refuses_a_non_empty_dir_without_overwrite(hf_model, tmp_path):
+    """A non-empty target is refused (exit 2, one line naming the dir and its entries) unless
+    --overwrite; with --overwrite, files that are not checkpoints are left as they are."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine\n")
+    r = _convert(hf_model, target)
+    assert r.returncode == 2
+    line = _one_line_error(r, "convert_from_hf: error:")
+    assert str(target) in line and "notes.txt" in line and "--overwrite" in line, line
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    r = _convert(hf_model, target, "--overwrite")
+    assert r.returncode == 0, r.stdout
+    assert (target / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in target.iterdir()) == ["iter_0000000", "latest_checkpointed_iteration.txt",
+                                                        "notes.txt"]
+
+
+def test_convert_from_hf_overwrite_replaces_only_its_own_conversion(hf_model, tmp_path):
+    """Converting twice into one dir needs --overwrite, which replaces the earlier conversion's
+    iter_0000000 (and nothing else; no temporary left behind). An existing --recipe-out file is
+    refused the same way."""
+    target, recipe = tmp_path / "ckpt", tmp_path / "recipe.yaml"
+    assert _convert(hf_model, target).returncode == 0
+    recipe.write_text("# my notes\n")
+    r = _convert(hf_model, target, "--recipe-out", str(recipe))
+    assert r.returncode == 2
+    line = _one_line_error(r, "convert_from_hf: error:")
+    assert str(target) in line and "iter_0000000" in line, line
+    (target / "iter_0000000" / "stale").write_text("from the first conversion")
+    r = _convert(hf_model, target, "--overwrite", "--recipe-out", str(recipe))
+    assert r.returncode == 2 and str(recipe) in _one_line_error(r, "convert_from_hf: error:")
+    assert recipe.read_text() == "# my notes\n" and (target / "iter_0000000" / "stale").exists()
+    recipe.unlink()
+    r = _convert(hf_model, target, "--overwrite", "--recipe-out", str(recipe))
+    assert r.returncode == 0, r.stdout
+    assert sorted(p.name for p in target.iterdir()) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+    assert not (target / "iter_0000000" / "stale").exists()
+    assert (target / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    assert "iter_0000000" in recipe.read_text()
+
+
+def test_convert_from_hf_overwrite_refuses_a_foreign_iteration_0(trained, hf_model, tmp_path):
+    """--overwrite replaces only an iter_0000000 that convert_from_hf wrote: a dir holding another
+    run's iteration (here a training checkpoint renamed to iteration 0) is refused and kept."""
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    shutil.copytree(trained / "iter_0000004", target / "iter_0000000")
+    (target / "latest_checkpointed_iteration.txt").write_text("0\n")
+    before = _snapshot(target)
+    r = _convert(hf_model, target, "--overwrite")
+    assert r.returncode == 2
+    line = _one_line_error(r, "convert_from_hf: error:")
+    assert str(target / "iter_0000000") in line, line
+    assert _snapshot(target) == before
+
+
+# ------------------------------------------------------------------ convert_from_hf: damaged input
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_convert_from_hf_truncated_safetensors_is_one_line(hf_model, tmp_path, layout):
+    """A truncated safetensors file (single or one shard of several) is exit 2 with one line naming
+    that file; nothing is written. PERILN_DEBUG=1 shows the traceback instead."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_model.parent / layout, src)
+    files = sorted(src.glob("*.safetensors"))
+    victim = files[-1]
+    os.truncate(victim, victim.stat().st_size // 2)
+    r = _convert(src, tmp_path / "ckpt")
+    assert r.returncode == 2, r.stdout
+    line = _one_line_error(r, "convert_from_hf: error:")
+    assert str(victim) in line, line
+    assert not (tmp_path / "ckpt").exists()
+    r = _convert(src, tmp_path / "ckpt", env={"PERILN_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stdout and str(victim) in r.stdout
+    assert not (tmp_path / "ckpt").exists()
+
+
 # ------------------------------------------------------------------------------ recipe YAML
 
 DUPLICATES = {

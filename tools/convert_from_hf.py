@@ -10,11 +10,19 @@ the new iteration, so a run started from it (after setting data.prefixes) begins
 weights; or resume from CHECKPOINT_DIR. Models we cannot represent exactly are refused: MuP
 multipliers other than 1 (attention_multiplier other than head_dim**-0.5), biases, RoPE scaling,
 activations other than SiLU. Runs in one CPU process (a world-size-1 gloo group).
+
+Nothing is lost: CHECKPOINT_DIR must be new or empty. --overwrite lets it hold other files and
+replaces an iter_0000000 (and a --recipe-out file) that an earlier convert_from_hf wrote, but a
+directory with another run's checkpoints (any other iter_*, a marker naming another iteration, an
+iter_0000000 not written by this tool) is always refused: convert into a new directory instead.
+The checkpoint is written under a hidden temporary name and renamed into place when complete.
+Errors are one line (exit 2); PERILN_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("hf_dir", type=Path, help="HF model directory (config.json + safetensors)")
     parser.add_argument("checkpoint_dir", type=Path, help="checkpoint root to create (iter_0000000 goes inside)")
     parser.add_argument("--recipe-out", type=Path, help="also write the recipe here")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing iter_0000000")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty CHECKPOINT_DIR, replacing an earlier conversion's iter_0000000 "
+                             "and --recipe-out (never another run's checkpoints)")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
     args = parser.parse_args(argv)
 
@@ -36,11 +46,10 @@ def main(argv=None) -> int:
     try:
         return run_tool("convert_from_hf", args.quiet, lambda log: convert_from_hf(
             args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log),
-            errors=(ValueError, KeyError, RuntimeError, OSError))
+            errors=() if os.environ.get("PERILN_DEBUG") else (ValueError, KeyError, RuntimeError, OSError))
     finally:
-        from periln_megatron import runtime
-
-        runtime.shutdown()
+        if "periln_megatron.runtime" in sys.modules:  # megatron was started (not after an early refusal)
+            sys.modules["periln_megatron.runtime"].shutdown()
 
 
 if __name__ == "__main__":

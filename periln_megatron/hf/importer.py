@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,19 +14,41 @@ from periln_megatron.hf.mapping import UnsupportedModelError
 
 HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+HEADER = "# Converted from Hugging Face by tools/convert_from_hf.py."
+PARTIAL = ".iter_0000000.partial-"  # a conversion being written (hidden: never taken for an iteration)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+
+
+def _safe_open(path: Path):
+    """safetensors' safe_open, with a truncated or malformed file reported as one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (named by the safetensors index)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 class HFWeights:
     """Lazy access to a (possibly sharded) safetensors checkpoint; remembers what was taken."""
 
     def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index)
+            if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+                raise ValueError(f"{index}: no `weight_map` object")
+            weight_map = weight_map["weight_map"]
         elif (hf_dir / "model.safetensors").is_file():
-            with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+            with _safe_open(hf_dir / "model.safetensors") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
@@ -34,15 +57,18 @@ class HFWeights:
         self._open = {}
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} not found in the safetensors files")
         file = self.weight_map[name]
         if file not in self._open:
-            self._open[file] = safe_open(str(self.dir / file), framework="pt")
+            self._open[file] = _safe_open(self.dir / file)
         self.taken.add(name)
-        return self._open[file].get_tensor(name)
+        try:
+            return self._open[file].get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{self.dir / file}: cannot read tensor {name!r}: {e}") from e
 
     def untaken(self) -> list[str]:
         return sorted(set(self.weight_map) - self.taken)
@@ -102,25 +128,79 @@ def megatron_tensor(name: str, w: HFWeights, s, padded_vocab: int) -> torch.Tens
     raise KeyError(f"megatron parameter {name} has no HF counterpart")
 
 
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _converted(path: Path) -> bool:
+    """Whether `path` (an iteration dir or a recipe file) is what an earlier convert_from_hf wrote."""
+    recipe = path / "recipe.yaml" if path.is_dir() else path
+    try:
+        with open(recipe, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(HEADER)
+    except OSError:
+        return False
+
+
+def check_target(checkpoint_dir: Path, recipe_out: Path | None, overwrite: bool) -> None:
+    """Refuse (FileExistsError, one line) a target where writing could lose anything.
+
+    CHECKPOINT_DIR must be absent or empty; with `overwrite` it may hold other files, but never
+    another run's checkpoints: no iter_* but iter_0000000, an iter_0000000 and a --recipe-out only if
+    an earlier convert_from_hf wrote them, no marker naming another iteration.
+    """
+    from periln_megatron import checkpoint
+
+    d, iter_dir = Path(checkpoint_dir), checkpoint.iteration_dir(checkpoint_dir, 0)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d}: exists and is not a directory")
+    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    if entries:
+        others = [e for e in entries if e.startswith("iter_") and e != iter_dir.name]
+        if others:
+            raise FileExistsError(
+                f"{d}: holds another run's checkpoints ({_listing(entries)}); convert into a new or empty "
+                "directory (even --overwrite never replaces another run's iterations)")
+        marker = d / checkpoint.MARKER
+        if marker.is_file() and marker.read_text(errors="replace").strip() != "0":
+            raise FileExistsError(
+                f"{marker} names iteration {marker.read_text(errors='replace').strip()!r} of another run "
+                f"({d} holds {_listing(entries)}); convert into a new or empty directory")
+        if iter_dir.exists() and not _converted(iter_dir):
+            raise FileExistsError(
+                f"{iter_dir}: not written by convert_from_hf.py (its recipe.yaml lacks the header); --overwrite "
+                "only replaces an earlier conversion, convert into a new or empty directory")
+        if not overwrite:
+            raise FileExistsError(
+                f"{d}: not empty ({_listing(entries)}); pass --overwrite to write into it (it replaces an "
+                "earlier conversion's iter_0000000 and leaves other files alone)")
+    if recipe_out is not None and Path(recipe_out).exists():
+        if not overwrite:
+            raise FileExistsError(f"{recipe_out}: exists; pass --overwrite to replace a recipe convert_from_hf wrote")
+        if Path(recipe_out).is_dir() or not _converted(Path(recipe_out)):
+            raise FileExistsError(f"{recipe_out}: exists and was not written by convert_from_hf.py; "
+                                  "--overwrite only replaces an earlier conversion's recipe")
+
+
 def convert_from_hf(hf_dir: Path, checkpoint_dir: Path, recipe_out: Path | None = None, overwrite: bool = False,
                     log=print) -> Path:
+    hf_dir, checkpoint_dir = Path(hf_dir), Path(checkpoint_dir)
+    check_target(checkpoint_dir, recipe_out, overwrite)  # before anything is read or written
+
     from megatron.core import dist_checkpointing
 
     from periln_megatron import checkpoint
     from periln_megatron.hf import megatron_side
 
-    hf_dir, checkpoint_dir = Path(hf_dir), Path(checkpoint_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
     iter_dir = checkpoint.iteration_dir(checkpoint_dir, 0)
     recipe, s = recipe_from_hf(hf_dir, config, iter_dir)
     weights = HFWeights(hf_dir)
-    if iter_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{iter_dir} exists; pass --overwrite to replace it")
-        shutil.rmtree(iter_dir)
     dtype = mapping.DTYPES[recipe.precision.preset]
     log(f"{hf_dir}: {config['model_type']} -> {s.placement}-LN, {s.num_layers} layers, hidden {s.hidden}, "
         f"heads {s.heads}/{s.groups} groups, vocab {s.vocab}, {recipe.precision.preset}")
@@ -142,12 +222,33 @@ def convert_from_hf(hf_dir: Path, checkpoint_dir: Path, recipe_out: Path | None 
     if leftover:
         raise UnsupportedModelError(f"{hf_dir}: tensors with no megatron counterpart (unsupported features?): "
                                     + ", ".join(leftover[:10]) + (" ..." if len(leftover) > 10 else ""))
-    iter_dir.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(iter_dir))
-    text = ("# Converted from Hugging Face by tools/convert_from_hf.py. Set data.prefixes (and the parallel\n"
+    text = (f"{HEADER} Set data.prefixes (and the parallel\n"
             "# layout / train section) before training; checkpoint.load gives the initial weights.\n" + recipe.to_yaml())
-    (iter_dir / "recipe.yaml").write_text(text)
-    (checkpoint_dir / checkpoint.MARKER).write_text("0\n")
+
+    # Write under a hidden temporary name, then swap it in: a failure leaves the target as it was.
+    check_target(checkpoint_dir, recipe_out, overwrite)  # unchanged while the weights were read?
+    created = not checkpoint_dir.exists()
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    partial = checkpoint_dir / f"{PARTIAL}{os.getpid()}"
+    try:
+        partial.mkdir()
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(partial))
+        (partial / "recipe.yaml").write_text(text)
+        if iter_dir.exists():  # an earlier conversion (check_target made sure)
+            old = checkpoint_dir / f"{PARTIAL}{os.getpid()}.old"
+            os.replace(iter_dir, old)
+            os.replace(partial, iter_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, iter_dir)
+        tmp = checkpoint_dir / (checkpoint.MARKER + ".tmp")
+        tmp.write_text("0\n")
+        os.replace(tmp, checkpoint_dir / checkpoint.MARKER)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if created and not any(checkpoint_dir.iterdir()):
+            checkpoint_dir.rmdir()
+        raise
     if recipe_out:
         Path(recipe_out).write_text(text)
         log(f"recipe written to {recipe_out}")
