@@ -235,3 +235,105 @@ def test_layout_error_names_the_dimension_that_does_not_fit(tmp_path, sets, worl
     with pytest.raises(RecipeError) as err:
         load_recipe(path, world_size=world)
     assert f"`{key}`" in str(err.value) and "not divisible by tp*pp*cp" in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------ preprocess_data
+
+@pytest.fixture(scope="module")
+def tiktoken_file(tmp_path_factory) -> Path:
+    """A tiny local tiktoken BPE file (bytes + a dozen merges)."""
+    merges = [b"th", b"he", b"the", b" t", b" the", b"in", b"an", b"and", b" a", b" and", b"er", b"on"]
+    ranks = {bytes([i]): i for i in range(256)} | {m: 256 + j for j, m in enumerate(merges)}
+    path = tmp_path_factory.mktemp("tok") / "tiny.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return path
+
+
+def _preprocess(tok: Path, data: Path, prefix: Path, *extra):
+    return run([PY, "tools/preprocess_data.py", "--input", str(data), "--output-prefix", str(prefix),
+                "--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(tok), "--quiet", *extra],
+               check=False, timeout=120)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--chunk-bytes", "0"), ("--chunk-bytes", "-1"), ("--chunk-bytes", "1e3"), ("--chunk-bytes", "2000000000"),
+    ("--workers", "0"), ("--workers", "two"),
+    ("--log-interval", "0"), ("--log-interval", "-1"), ("--log-interval", "nan"), ("--log-interval", "inf"),
+])
+def test_preprocess_rejects_bad_numbers(tiktoken_file, tmp_path, flag, value):
+    """Every numeric flag of preprocess_data.py is checked: a bad value exits 2 naming the flag and
+    the value, and nothing is written (--chunk-bytes 0 used to write an empty dataset and exit 0)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat and the hat"}\n')
+    r = _preprocess(tiktoken_file, data, tmp_path / "out", flag, value)
+    assert r.returncode == 2, r.stdout
+    assert "Traceback" not in r.stdout
+    assert f"argument {flag}:" in r.stdout and repr(value) in r.stdout, r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_preprocess_caps_workers_at_cpu_count(tiktoken_file, tmp_path):
+    """--workers above the CPU count is lowered to it with a warning naming --workers; the output
+    is the same."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat and the hat"}\n{"text": "then in"}\n')
+    cpus = os.cpu_count()
+    r = _preprocess(tiktoken_file, data, tmp_path / "out", "--workers", str(cpus + 3))
+    assert r.returncode == 0, r.stdout
+    assert f"warning: --workers {cpus + 3} is more than the {cpus} CPUs; using {cpus}" in r.stdout, r.stdout
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert len(ds) == 2
+
+
+def test_preprocess_unwritable_output_prefix_is_one_line(tiktoken_file, tmp_path):
+    """An --output-prefix that cannot be written (its directory is a file) is one line naming the
+    path, exit 1, before any tokenizing; nothing is written."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat and the hat"}\n')
+    blocker = tmp_path / "notadir"
+    blocker.write_text("")
+    r = _preprocess(tiktoken_file, data, blocker / "sub" / "out")
+    assert r.returncode == 1, r.stdout
+    line = _one_line_error(r, "error:")
+    assert "--output-prefix" in line and str(blocker) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "notadir"]
+
+
+def test_preprocess_long_document_tokens_unchanged_by_bounded_memory(tmp_path):
+    """A document much longer than one tokenizer batch (SentencePiece, segment cache) is tokenized
+    in bounded pieces and still gives exactly the ids of encoding it whole."""
+    import numpy as np
+    import sentencepiece
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from periln_megatron.tokenizer import load_tokenizer
+
+    corpus = "\n".join(p.read_text() for p in sorted([*REPO.glob("*.md"), *REPO.glob("docs/*.md")]))
+    (tmp_path / "corpus.txt").write_text(corpus)
+    run([PY, "tools/train_tokenizer.py", "--input", str(tmp_path / "corpus.txt"), "--model-prefix",
+         str(tmp_path / "spm"), "--vocab-size", "400", "--threads", "1"], timeout=120)
+    assert load_tokenizer("SentencePieceTokenizer", str(tmp_path / "spm.model")).segment_cache
+    words = corpus.split()
+    rng = np.random.default_rng(0)
+    long_doc = " ".join(words[i] for i in rng.integers(0, len(words), 500_000))  # ~3.5 MB, spaces and newlines
+    docs = ["short one", long_doc, "", "x  y", "tail"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    r = run([PY, "tools/preprocess_data.py", "--input", str(data), "--output-prefix", str(tmp_path / "out"),
+             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "spm.model"),
+             "--workers", "1", "--quiet"], timeout=300)
+    assert "1 empty" in r.stdout
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    expected = [sp.encode(d) for d in docs if d]
+    assert len(ds) == len(expected)
+    for i, ids in enumerate(expected):
+        assert ds[i].tolist() == ids, i
+
+
+def test_preprocess_help_states_memory_per_document():
+    """--help says how much memory a worker needs per byte of document, per tokenizer family."""
+    out = run([PY, "tools/preprocess_data.py", "--help"], timeout=60).stdout
+    assert "memory" in out.lower() and "per byte of" in out, out

@@ -11,6 +11,14 @@ outputs are named like Megatron-LM's: OUTPUT_PREFIX_{key}_document.{bin,idx}.
 The main process reads large blocks of lines and writes contiguous token chunks; worker
 processes parse JSON and tokenize whole blocks at once, returning numpy arrays. Files are written
 under temporary names and renamed only when complete.
+
+Memory: about 0.3-0.4 GB per process (main + each worker) plus, per worker, what its largest
+document needs while it is tokenized. Measured peak RAM per byte of one long document (10 and
+50 MB single-document files, --workers 1): SentencePiece ~10 bytes per byte of document (the
+segment cache, the default, tokenizes a long document in 1 MiB pieces: 50 MB took +0.42 GB),
+SentencePiece --no-segment-cache ~50, TikTokenizer ~20 (a toy vocabulary of ~1 token per byte),
+HuggingFaceTokenizer ~200 (a 50 MB document needs ~10 GB). N workers may hold N such documents at once.
+Errors are one line (exit 1; bad flags exit 2); PERILN_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -38,10 +47,41 @@ from periln_megatron.indexed_data import PrefixWriter  # noqa: E402
 from periln_megatron.tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES, load_tokenizer  # noqa: E402
 
 REASONS = ("malformed JSON", "not a JSON object", "missing key", "not a string")
+MAX_CHUNK_BYTES = 1 << 30
+# SentencePiece with the segment cache encodes each space-separated word on its own, so a document
+# cut at spaces into pieces of about this many characters gives exactly the ids of the whole: a
+# worker's tokenizer memory stays bounded however long the document.
+PIECE_CHARS = 1 << 20
 
 
 class InputError(Exception):
     """Bad input under --on-error fail, or an unreadable file: the message starts with file:line."""
+
+
+def _int_flag(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; argparse names the flag in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds_flag(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one prefix per input file (OUTPUT_PREFIX_{file stem}_{key}_document), e.g. for a blend; "
                         "default: all inputs merged into one prefix")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: CPU count)")
-    g.add_argument("--chunk-bytes", type=int, default=1 << 18, help="bytes of JSONL per work item (default: 256 KiB)")
+    g.add_argument("--workers", type=_int_flag(1), default=os.cpu_count() or 1,
+                   help="tokenizer processes (default, and at most: the CPU count)")
+    g.add_argument("--chunk-bytes", type=_int_flag(1, MAX_CHUNK_BYTES), default=1 << 18,
+                   help=f"bytes of JSONL per work item, 1 to {MAX_CHUNK_BYTES} (default: 256 KiB)")
     g.add_argument("--on-error", choices=("skip", "fail"), default="fail",
                    help="malformed JSON, a missing key or a non-string value: fail (default) stops with "
                         "file:line; skip counts the line and goes on")
-    g.add_argument("--log-interval", type=float, default=None,
+    g.add_argument("--log-interval", type=_seconds_flag, default=None,
                    help="seconds between progress lines when stderr is not a terminal (default 10)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     g.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON to PATH")
@@ -101,10 +143,13 @@ def input_stem(path: Path) -> str:
 
 def read_chunks(path: Path, chunk_bytes: int):
     """Yield (first line number, block of whole lines, raw bytes read so far) for one input file."""
-    raw = open(path, "rb")
+    try:
+        raw = open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open: {exc.strerror or exc}") from None
     try:
         stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        line, rest = 1, b""
+        line, rest = 1, []  # rest: the blocks of a line not finished yet (joined once: no quadratic copying)
         while True:
             try:
                 block = stream.read(chunk_bytes)
@@ -112,14 +157,14 @@ def read_chunks(path: Path, chunk_bytes: int):
                 raise InputError(f"{path}:{line}: cannot read: {exc}") from None
             if not block:
                 if rest:
-                    yield line, rest, raw.tell()
+                    yield line, b"".join(rest), raw.tell()
                 return
-            block = rest + block
             cut = block.rfind(b"\n") + 1
             if cut == 0:
-                rest = block
+                rest.append(block)
                 continue
-            data, rest = block[:cut], block[cut:]
+            data = b"".join([*rest, block[:cut]]) if rest else block[:cut]
+            rest = [block[cut:]] if cut < len(block) else []
             yield line, data, raw.tell()
             line += data.count(b"\n")
     finally:
@@ -179,6 +224,49 @@ def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list) -> dict:
     return texts
 
 
+def _pieces(text: str):
+    """`text` cut at spaces (each dropped) into pieces of about PIECE_CHARS characters."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.find(" ", start + PIECE_CHARS)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut + 1
+    yield text[start:]
+
+
+def encode_texts(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """tok.encode_flat(texts). With SentencePiece's segment cache (which encodes each space-separated
+    word on its own, so cutting a text at a space changes no id) long texts are cut into pieces and
+    encoded about PIECE_CHARS characters per call: the tokenizer's memory stays bounded. Other
+    tokenizers see each text whole (their pre-tokenizers do not make a cut exact)."""
+    if not getattr(tok, "segment_cache", False) or sum(map(len, texts)) <= PIECE_CHARS:
+        return tok.encode_flat(texts)
+    flats, lengths = [], np.zeros(len(texts), np.int64)
+    batch, owners, size = [], [], 0
+
+    def flush():
+        flat, lens = tok.encode_flat(batch)
+        flats.append(np.asarray(flat, np.int32))
+        np.add.at(lengths, owners, lens)
+        batch.clear()
+        owners.clear()
+
+    for i, text in enumerate(texts):
+        # a literal "\u2581" makes SentencePiece encode the text whole (see encode_flat): not cut
+        for piece in ([text] if "\u2581" in text else _pieces(text)):
+            batch.append(piece)
+            owners.append(i)
+            size += len(piece)
+            if size >= PIECE_CHARS:
+                flush()
+                size = 0
+    if batch:
+        flush()
+    return np.concatenate(flats), lengths
+
+
 def encode_block(first_line: int, data: bytes) -> dict:
     """Parse and tokenize one block of JSONL lines. Returns tokens per key and the bad lines."""
     keys = _W["keys"]
@@ -191,7 +279,7 @@ def encode_block(first_line: int, data: bytes) -> dict:
     out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}}
     tok, eod, dtype = _W["tok"], _W["eod"], _W["dtype"]
     for k in keys:
-        flat, lengths = tok.encode_flat(texts[k]) if texts[k] else (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        flat, lengths = encode_texts(tok, texts[k]) if texts[k] else (np.zeros(0, np.int32), np.zeros(0, np.int64))
         empty = int(np.count_nonzero(lengths == 0))
         lengths = lengths[lengths > 0]
         if eod is not None and len(lengths):
@@ -232,8 +320,23 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def check_writable(flag: str, path: str) -> None:
+    """InputError (one line naming the path) if a file cannot be created at `path`: the nearest
+    existing ancestor of its directory must be a writable directory."""
+    probe = Path(path).absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{flag} {path}: cannot write there: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write there: directory {probe} is not writable")
+
+
 def run(args) -> dict:
     """Preprocess per ``args`` (see build_parser); return the summary dict. Raises InputError."""
+    check_writable("--output-prefix", args.output_prefix)
+    if args.summary_json:
+        check_writable("--summary-json", args.summary_json)
     files = expand_inputs(args.input)
     tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
     if args.keep_separate:
@@ -328,22 +431,36 @@ def print_summary(stats: dict, file=sys.stderr) -> None:
               file=file)
 
 
+def _os_error(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        print(f"warning: --workers {args.workers} is more than the {cpus} CPUs; using {cpus}", file=sys.stderr)
+        args.workers = cpus
+    debug = bool(os.environ.get("PERILN_DEBUG"))  # tracebacks instead of one-line errors
     try:
         stats = run(args)
-    except (InputError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (InputError, ValueError, OSError) as exc:
+        if debug:
+            raise
+        print(f"error: {_os_error(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no output written (temporary files removed)", file=sys.stderr)
         return 130
     print_summary(stats)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(stats, indent=2))
+        try:
+            Path(args.summary_json).write_text(json.dumps(stats, indent=2))
+        except OSError as exc:
+            if debug:
+                raise
+            print(f"error: --summary-json: {_os_error(exc)} (the outputs above are complete)", file=sys.stderr)
+            return 1
     return 0
 
 
