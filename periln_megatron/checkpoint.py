@@ -278,6 +278,7 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
     the marker moves when the queue finalizes the request.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     root = Path(root)
     target = iteration_dir(root, iteration)
@@ -309,9 +310,21 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     else:
-        dist_checkpointing.save(state, str(target))
+        try:
+            dist_checkpointing.save(state, str(target))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk reads "unexpected pos ..."
+            raise CheckpointError(f"{target}: saving iteration {iteration} failed: {_write_failure(target, e)}; "
+                                  f"the marker still names iteration {latest_iteration(root)}") from e
         finalize()
     return target
+
+
+def _write_failure(target: Path, error: Exception) -> str:
+    free = shutil.disk_usage(target).free
+    if free < 64 * 2**20:
+        return f"No space left on device ({free / 2**20:.1f} MiB free)"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _publish(root: Path, iteration: int) -> None:

@@ -7,6 +7,8 @@ would have seen.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,16 @@ def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
     )
     cls = MockGPTDataset if recipe.data.synthetic else GPTDataset
     sizes = [t.steps * t.global_batch_size, num_valid, 0]
-    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    try:
+        train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    except Exception as e:
+        cache = Path(config.path_to_cache)
+        existing = next((p for p in (cache, *cache.parents) if p.exists()), None)
+        free = shutil.disk_usage(existing).free if existing else None
+        if free is not None and free < 64 * 2**20:  # numpy reports a full disk as "N requested and M written"
+            raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free) for the data cache",
+                          str(cache)) from e
+        raise
     if valid is None and t.eval_interval:
         raise ValueError(f"{recipe.source}: `data.split` = {recipe.data.split!r} leaves no validation data "
                          f"but train.eval_interval = {t.eval_interval}")
