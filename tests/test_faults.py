@@ -337,3 +337,61 @@ def test_preprocess_help_states_memory_per_document():
     """--help says how much memory a worker needs per byte of document, per tokenizer family."""
     out = run([PY, "tools/preprocess_data.py", "--help"], timeout=60).stdout
     assert "memory" in out.lower() and "per byte of" in out, out
+
+
+# ------------------------------------------------------------------------------ plot_diagnostics
+
+def _plot(*run_dirs, out):
+    return run([PY, "tools/plot_diagnostics.py", *map(str, run_dirs), "--out", str(out)], check=False, timeout=120)
+
+
+def test_plot_skips_the_truncated_last_line_of_a_killed_run(trained, tmp_path):
+    """A metrics.jsonl whose last line was cut short (the run was killed mid-write) is plotted
+    without it, with one warning naming the file and the line."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + "\n")
+    with open(metrics, "r+b") as f:
+        f.truncate(metrics.stat().st_size - len(lines[-1]) // 2)
+    r = _plot(run_dir, out=tmp_path / "plots")
+    assert r.returncode == 0, r.stdout
+    warnings = _errors(r.stdout, "plot_diagnostics: warning:")
+    assert len(warnings) == 1 and f"{metrics}:{len(lines)}:" in warnings[0], r.stdout
+    assert (tmp_path / "plots" / "loss.png").is_file()
+
+
+def test_plot_keeps_records_a_resumed_run_appended_after_a_truncated_line(trained, tmp_path):
+    """A run killed mid-write and then resumed appends its next record to the cut line; the cut
+    part is dropped with a warning naming file and line, the resumed record is kept."""
+    run_dir = tmp_path / "ckpt"
+    shutil.copytree(trained, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    text = metrics.read_text()
+    n = len(text.splitlines())
+    metrics.write_text(text[: len(text) - 1 - len(text.splitlines()[-1]) // 2])  # step 4 cut in half
+    run_torchrun(1, ["-m", "periln_megatron.train", "--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set",
+                     f"checkpoint.dir={run_dir}", "train.steps=6", "checkpoint.interval=2",
+                     "logging.tensorboard=false"], timeout=240)
+    merged = metrics.read_text().splitlines()[n - 1]
+    assert not merged.startswith('{"step": 5') and '{"step": 5' in merged  # the trainer appended to the cut line
+    r = _plot(run_dir, out=tmp_path / "plots")
+    assert r.returncode == 0, r.stdout
+    warnings = _errors(r.stdout, "plot_diagnostics: warning:")
+    assert len(warnings) == 1 and f"{metrics}:{n}:" in warnings[0] and "step 5" in warnings[0], r.stdout
+
+
+def test_plot_still_refuses_corruption_in_the_middle(trained, tmp_path):
+    """A damaged line in the middle of metrics.jsonl that is not a cut record followed by a whole
+    one is refused: exit 2, one line naming the file and line (plotting around it could misstate
+    the run)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:10] + "\x00\x00garbage"
+    metrics.write_text("\n".join(lines) + "\n")
+    r = _plot(run_dir, out=tmp_path / "plots")
+    assert r.returncode == 2
+    assert f"{metrics}:2: invalid JSON" in _one_line_error(r, "plot_diagnostics: error:")

@@ -12,6 +12,13 @@ and `model.placement` label the run). Writes into --out:
 The per-layer plots need a run trained with `diagnostics.interval > 0`; runs without diagnostics
 still get loss and grad-norm curves.
 
+A run killed while writing metrics.jsonl leaves its last line cut short: that line is skipped with a
+warning naming file and line. If the run was then resumed, the trainer appended its next record to
+the cut line: the cut part is skipped with a warning and the appended record kept. Any other line
+that is not a JSON record is refused (exit 2, file:line): damage that a kill cannot explain could
+hide or misplace steps, and a plot drawn around it would misstate the run. PERILN_DEBUG=1 shows
+tracebacks.
+
 Example:
   python tools/plot_diagnostics.py runs/peri-400m runs/pre-400m --out plots/400m
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,17 +71,27 @@ class Run:
 
     @staticmethod
     def _records(path: Path) -> dict[int, dict]:
-        """step -> record; later lines (e.g. after a resume) override earlier ones key by key."""
+        """step -> record; later lines (e.g. after a resume) override earlier ones key by key.
+        A cut-off line left by a killed run is skipped with a warning (see the module docstring)."""
         if not path.is_file():
             raise PlotError(f"{path}: not found")
         out: dict[int, dict] = {}
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                if lineno == len(lines):  # no newline after it: the write was cut short
+                    warn(f"{path}:{lineno}: last line cut off (the run was killed while writing it?), skipped")
+                    continue
+                record = _appended_after_cut(line)
+                if record is None:
+                    raise PlotError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                warn(f"{path}:{lineno}: a cut-off record (the run was killed while writing it) followed by the record "
+                     f"of step {record['step']} (appended when it resumed): kept step {record['step']}, "
+                     "skipped the cut part")
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise PlotError(f"{path}:{lineno}: expected an object with an integer `step`")
             out.setdefault(record["step"], {}).update(record)
@@ -87,6 +105,26 @@ class Run:
 
     def measured(self, key: str) -> list[tuple[int, list]]:
         return [(s, r[key]) for s, r in self.records.items() if isinstance(r.get(key), list) and r[key]]
+
+
+def warn(message: str) -> None:
+    print(f"plot_diagnostics: warning: {message}", file=sys.stderr)
+
+
+RECORD_START = '{"step": '  # how the trainer's json.dumps(record) begins
+
+
+def _appended_after_cut(line: str) -> dict | None:
+    """The record a resumed run appended to a line cut off by a kill (`{"step": 4, "lo{"step": 5, ...}`),
+    or None if the line is not that."""
+    start = line.rfind(RECORD_START)
+    if start <= 0 or not line.startswith(RECORD_START):
+        return None
+    try:
+        record = json.loads(line[start:])
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def pick_steps(steps: list[int], count: int) -> list[int]:
@@ -238,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"plot_diagnostics: {name}: no data in {', '.join(str(r.dir) for r in runs)}, skipped",
                       file=sys.stderr)
     except PlotError as e:
+        if os.environ.get("PERILN_DEBUG"):
+            raise
         print(f"plot_diagnostics: error: {e}", file=sys.stderr)
         return 2
     if not written:
