@@ -61,6 +61,14 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def _master_port(env, world_size: int, default: int) -> int:
+    """MASTER_PORT if the launcher set it. Else 0 for a world of one, where nobody else connects:
+    the store then listens on any free port, so unrelated single-process runs share a machine."""
+    if env.get("MASTER_PORT"):
+        return int(env["MASTER_PORT"])
+    return 0 if world_size == 1 else default
+
+
 def read_dist_env(environ=None) -> DistEnv:
     """Rank, world size and rendezvous address from torchrun's or Slurm's variables."""
     env = os.environ if environ is None else environ
@@ -70,7 +78,7 @@ def read_dist_env(environ=None) -> DistEnv:
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+            master_port=_master_port(env, int(env["WORLD_SIZE"]), 29500),
             launcher="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
@@ -82,10 +90,10 @@ def read_dist_env(environ=None) -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
             # Derived from the job id so that two jobs sharing a node do not collide.
-            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            master_port=_master_port(env, int(env["SLURM_NTASKS"]), 20000 + job_id % 20000),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "single")
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _master_port(env, 1, 29500), "single")
 
 
 @dataclass(frozen=True)

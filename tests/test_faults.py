@@ -395,3 +395,56 @@ def test_plot_still_refuses_corruption_in_the_middle(trained, tmp_path):
     r = _plot(run_dir, out=tmp_path / "plots")
     assert r.returncode == 2
     assert f"{metrics}:2: invalid JSON" in _one_line_error(r, "plot_diagnostics: error:")
+
+
+# ------------------------------------------- one run per directory, Ctrl-C, torchrun's exit, free port
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "PERILN_RUN_LOCK", "PERILN_RANK_STATUS_DIR")
+TRAIN_MODULE = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml"]
+# ~3 s per step on 2 cores: time for a second Ctrl-C to land before the step's end
+SLOW_STEPS = ["train.global_batch_size=768", "train.micro_batch_size=8"]
+
+
+def _spawn(args: list[str], log: Path, env: dict | None = None):
+    """`python ARGS` as a bare command line would start it (no launcher variables), in its own
+    session, output to `log`."""
+    import subprocess
+
+    full = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    full.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+    with open(log, "w") as out:
+        return subprocess.Popen([PY, *args], cwd=REPO, env=full, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _marker(ckpt: Path) -> int:
+    return int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_single_process_run_does_not_need_port_29500(tmp_path):
+    """A single-process run started without a launcher (no MASTER_PORT) trains while another process listens on port 29500."""
+    import socket
+
+    from launch import wait_all
+
+    from periln_megatron.runtime import read_dist_env
+
+    assert read_dist_env({}).master_port == 0  # any free port
+    assert read_dist_env({"MASTER_PORT": "1234"}).master_port == 1234
+    assert read_dist_env({"RANK": "0", "WORLD_SIZE": "2"}).master_port == 29500  # every rank must agree
+    with socket.socket() as busy:
+        try:
+            busy.bind(("0.0.0.0", 29500))
+            busy.listen()
+        except OSError:
+            pass  # someone else holds it: the same situation
+        log = tmp_path / "train.log"
+        proc = _spawn([*TRAIN_MODULE, "--set", "train.steps=3", f"checkpoint.dir={tmp_path / 'ckpt'}"], log)
+        assert wait_all([proc], timeout=240) == [0], log.read_text()[-3000:]
+    assert "1 ranks (single)" in log.read_text()
+
