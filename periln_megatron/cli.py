@@ -9,7 +9,8 @@ import sys
 from periln_megatron.config import RecipeError, load_recipe
 
 EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1 or --exit-after-minutes (requeue);
-3 loss or grad norm became NaN/Inf; 2 invalid recipe or arguments."""
+3 loss or grad norm became NaN/Inf; 2 invalid recipe or arguments, or checkpoint.dir / the run dir in use
+by another run (one run per directory)."""
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2
 
-    from periln_megatron import runtime
+    from periln_megatron import run_lock, runtime
     from periln_megatron.train import EXIT_NONFINITE, NonFiniteError, train
 
     try:
@@ -50,8 +51,13 @@ def train_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TokenIdError) as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except run_lock.RunLockError as e:  # another run holds the directory; only rank 0 has the message
+        if str(e):
+            print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         runtime.shutdown()
+        run_lock.release_all()
 
 
 def _human(n: int) -> str:

@@ -4,7 +4,7 @@ Exit status (the Slurm templates rely on it):
     0   training finished
     75  stopped by a signal or --exit-after-minutes after saving a checkpoint: requeue me
     3   loss or grad norm became NaN/Inf (no checkpoint of that state is written)
-    2   invalid recipe or command line
+    2   invalid recipe or command line, or checkpoint.dir / the run dir is in use by another run
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from periln_megatron import checkpoint, runtime
+from periln_megatron import checkpoint, run_lock, runtime
 from periln_megatron.config import Recipe
 
 EXIT_FINISHED, EXIT_REQUEUE, EXIT_NONFINITE = 0, 75, 3
@@ -256,6 +256,17 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     stop = StopFlag(t.exit_signals, exit_after_minutes)
     rank0 = env.rank == 0
     run_dir = recipe.run_dir
+    # One run per directory: rank 0 locks checkpoint.dir and the run dir before anything is written
+    # there (periln_megatron/run_lock.py); every rank learns the outcome. The lock is held until the
+    # process ends (cli.train_main releases it).
+    refused = None
+    if rank0:
+        try:
+            run_lock.acquire(run_lock.targets(recipe))
+        except run_lock.RunLockError as e:
+            refused = e
+    if _agree([float(refused is not None)])[0]:
+        raise refused or run_lock.RunLockError("")  # only rank 0 has the message
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"periln-train: {env.world_size} ranks ({env.launcher}), tp={p.tp} pp={p.pp} vpp={p.vpp} "

@@ -448,3 +448,58 @@ def test_single_process_run_does_not_need_port_29500(tmp_path):
         assert wait_all([proc], timeout=240) == [0], log.read_text()[-3000:]
     assert "1 ranks (single)" in log.read_text()
 
+@pytest.mark.parametrize("key,lock", [("checkpoint.dir", "flock"), ("logging.run_dir", "lease")])
+def test_second_trainer_on_a_busy_directory_exits_2_naming_the_holder(tmp_path, key, lock):
+    """A trainer on a directory another running trainer writes (its checkpoint.dir, or its run dir) exits 2 with one line naming the directory and the holder's pid, writing nothing; the first finishes (exit 0) intact."""
+    import signal
+    import subprocess
+
+    from launch import kill_all, wait_all, wait_for_line
+
+    d = tmp_path / "run"
+    args = [*TRAIN_MODULE, "--set", f"{key}={d}", "train.steps=12", "checkpoint.interval=5"]
+    env = {"PERILN_RUN_LOCK": lock}  # lease: the fallback for filesystems without a coherent flock
+    first = _spawn(args, tmp_path / "first.log", env)
+    try:
+        wait_for_line(tmp_path / "first.log", "step 3/12", [first], timeout=240)
+        first.send_signal(signal.SIGSTOP)  # it keeps its lock but writes nothing while the second one tries
+        before = _snapshot(d)
+        second = _spawn(args, tmp_path / "second.log", env)
+        assert wait_all([second], timeout=240) == [2], (tmp_path / "second.log").read_text()[-3000:]
+        result = subprocess.CompletedProcess(args, 2, (tmp_path / "second.log").read_text())
+        line = _one_line_error(result, "periln-train: error:")
+        assert str(d) in line and f"pid {first.pid} " in line and key in line, line
+        assert _snapshot(d) == before
+        first.send_signal(signal.SIGCONT)
+        assert wait_all([first], timeout=240) == [0], (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        kill_all([first])
+    assert _train_steps(d) == list(range(1, 13))
+    if key == "checkpoint.dir":
+        assert _marker(d) == 12 and sorted(p.name for p in d.glob("iter_*")) == ["iter_0000010", "iter_0000012"]
+
+
+@pytest.mark.parametrize("lock", ["flock", "lease"])
+def test_a_killed_holder_does_not_block_the_next_run(tmp_path, lock):
+    """After the run holding a checkpoint.dir is SIGKILLed (its lock file left behind, naming it), the next run on that dir takes it over and resumes."""
+    from launch import kill_all, wait_all, wait_for_line
+
+    d = tmp_path / "ckpt"
+    env = {"PERILN_RUN_LOCK": lock}
+    first = _spawn([*TRAIN_MODULE, "--set", f"checkpoint.dir={d}", "train.steps=1000", "checkpoint.interval=2"],
+                   tmp_path / "first.log", env)
+    try:
+        wait_for_line(tmp_path / "first.log", "saved checkpoint iteration 2 ", [first], timeout=240)
+        lock_file = d / (".periln.lock" if lock == "flock" else ".periln.lease")
+        assert json.loads(lock_file.read_text())["pid"] == first.pid
+    finally:
+        kill_all([first])  # SIGKILL: no clean-up of the lock file
+    saved = _marker(d)
+    second = _spawn([*TRAIN_MODULE, "--set", f"checkpoint.dir={d}", f"train.steps={saved + 2}"],
+                    tmp_path / "second.log", env)
+    log = tmp_path / "second.log"
+    assert wait_all([second], timeout=240) == [0], log.read_text()[-3000:]
+    assert f"resumed from iteration {saved}" in log.read_text() and _marker(d) == saved + 2
+    assert _train_steps(d)[-2:] == [saved + 1, saved + 2]
+    assert lock_file.exists() == (lock == "flock")  # a lease is removed on a clean exit
+
