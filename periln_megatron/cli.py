@@ -8,16 +8,32 @@ import sys
 
 from periln_megatron.config import RecipeError, load_recipe
 
-EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1 or --exit-after-minutes (requeue);
-3 loss or grad norm became NaN/Inf; 2 invalid recipe or arguments, or checkpoint.dir / the run dir in use
-by another run (one run per directory)."""
+EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1, Ctrl-C (SIGINT) or --exit-after-minutes
+(requeue); 130 Ctrl-C pressed twice: stopped at once without saving; 3 loss or grad norm became NaN/Inf;
+2 invalid recipe or arguments, or checkpoint.dir / the run dir in use by another run (one run per directory).
+Under torchrun launch with `periln-launch` (= python -m periln_megatron.launch, torchrun's arguments):
+torchrun itself exits 1 whatever the ranks' status; periln-launch exits with it (75: requeue)."""
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    code = 1  # an exception
+    try:
+        code = _train_main(argv)
+        return code
+    except SystemExit as e:  # argparse: --help, or a usage error
+        code = e.code if isinstance(e.code, int) else 2
+        raise
+    finally:
+        from periln_megatron.launch import record_status
+
+        record_status(code)  # for periln-launch, when it started this rank
+
+
+def _train_main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="periln-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a Peri-LN (or baseline) GPT with megatron-core. Launch one process per device with "
-                    "torchrun or srun; resumes automatically from checkpoint.dir.")
+                    "periln-launch (torchrun's arguments) or srun; resumes automatically from checkpoint.dir.")
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/peri_ln/400m.yaml")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override recipe keys, e.g. --set model.num_layers=4 parallel.tp=2 (values are YAML)")

@@ -5,12 +5,14 @@ Exit status (the Slurm templates rely on it):
     75  stopped by a signal or --exit-after-minutes after saving a checkpoint: requeue me
     3   loss or grad norm became NaN/Inf (no checkpoint of that state is written)
     2   invalid recipe or command line, or checkpoint.dir / the run dir is in use by another run
+    130 a second SIGINT (Ctrl-C): stopped at once, without saving
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -21,6 +23,7 @@ import torch
 
 from periln_megatron import checkpoint, run_lock, runtime
 from periln_megatron.config import Recipe
+from periln_megatron.launch import record_status
 
 EXIT_FINISHED, EXIT_REQUEUE, EXIT_NONFINITE = 0, 75, 3
 H100_BF16_PEAK_FLOPS = 989e12
@@ -30,17 +33,43 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-class StopFlag:
-    """Set by a signal handler; ranks agree on it at the next step boundary."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+SIGINT_REPEAT_S = 0.5
 
-    def __init__(self, signals: list[str], exit_after_minutes: float | None):
+
+class StopFlag:
+    """Set by a signal handler; ranks agree on it at the next step boundary.
+
+    SIGINT (Ctrl-C) is a request to stop too, whatever train.exit_signals says: save, exit 75. A
+    second SIGINT exits at once (130) without saving; the last complete checkpoint stays the one
+    to resume from. A repeat within SIGINT_REPEAT_S is the same press delivered twice (a launcher
+    that forwards the terminal's SIGINT to ranks that got it already) and counts once.
+    """
+
+    def __init__(self, signals: list[str], exit_after_minutes: float | None, rank: int = 0):
         self.reason: str | None = None
+        self.rank = rank
+        self.first_sigint: float | None = None
         self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
-        for name in signals:
+        for name in {*signals, "SIGINT"}:
             signal.signal(getattr(signal, name), self._handle)
 
     def _handle(self, signum, frame):
-        self.reason = signal.Signals(signum).name
+        # os.write, not print: the handler may interrupt a print to the same stream
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.first_sigint is None:
+                self.first_sigint = now
+                if self.rank == 0:
+                    os.write(2, b"periln-train: SIGINT: saving a checkpoint at the end of this step, then exit 75; "
+                                b"press Ctrl-C again to exit at once without saving\n")
+            elif now - self.first_sigint >= SIGINT_REPEAT_S:
+                os.write(2, f"periln-train: second SIGINT: rank {self.rank} exits at once without saving "
+                            f"(exit {EXIT_INTERRUPTED})\n".encode())
+                record_status(EXIT_INTERRUPTED)
+                os._exit(EXIT_INTERRUPTED)
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
 
     def local(self) -> bool:
         if self.deadline is not None and time.monotonic() >= self.deadline and self.reason is None:
@@ -253,7 +282,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     p, t = recipe.parallel, recipe.train
     layout = runtime.ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel)
     env = runtime.initialize(layout, seed=t.seed, distributed_timeout_minutes=t.distributed_timeout_minutes)
-    stop = StopFlag(t.exit_signals, exit_after_minutes)
+    stop = StopFlag(t.exit_signals, exit_after_minutes, rank=env.rank)
     rank0 = env.rank == 0
     run_dir = recipe.run_dir
     # One run per directory: rank 0 locks checkpoint.dir and the run dir before anything is written

@@ -503,3 +503,61 @@ def test_a_killed_holder_does_not_block_the_next_run(tmp_path, lock):
     assert _train_steps(d)[-2:] == [saved + 1, saved + 2]
     assert lock_file.exists() == (lock == "flock")  # a lease is removed on a clean exit
 
+def test_launch_sigterm_to_the_launcher_saves_and_exits_75(tmp_path):
+    """Under periln-launch (torchrun's arguments), SIGTERM to the launcher makes every rank save and the launcher exit 75 (requeue), where bare torchrun exits 1."""
+    import signal
+
+    from launch import free_port, wait_all, wait_for_line
+
+    d, log = tmp_path / "ckpt", tmp_path / "launch.log"
+    proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
+                   "checkpoint.interval=0", f"checkpoint.dir={d}"], log)
+    wait_for_line(log, "step 3/1000", [proc], timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    assert wait_all([proc], timeout=180) == [75], log.read_text()[-3000:]
+    saved = _marker(d)
+    text = log.read_text()
+    assert saved >= 3 and f"saved checkpoint iteration {saved}" in text and "exit 75 to requeue" in text
+    assert "periln-launch: rank(s) 0,1 saved a checkpoint and exited 75" in text, text[-3000:]
+
+
+def test_ctrl_c_once_saves_and_exits_75(tmp_path):
+    """One SIGINT (Ctrl-C) is a request to stop: the run saves a checkpoint at the end of the step and exits 75."""
+    import signal
+
+    from launch import wait_all, wait_for_line
+
+    d, log = tmp_path / "ckpt", tmp_path / "train.log"
+    proc = _spawn([*TRAIN_MODULE, "--set", "train.steps=1000", "checkpoint.interval=0", f"checkpoint.dir={d}"], log)
+    wait_for_line(log, "step 3/1000", [proc], timeout=240)
+    proc.send_signal(signal.SIGINT)
+    assert wait_all([proc], timeout=180) == [75], log.read_text()[-3000:]
+    text = log.read_text()
+    assert "press Ctrl-C again" in text and "(SIGINT)" in text and "Traceback" not in text, text[-3000:]
+    assert _marker(d) >= 3
+
+
+def test_ctrl_c_twice_exits_at_once_without_saving(tmp_path):
+    """A second Ctrl-C (SIGINT to periln-launch's process group, as a terminal sends it) exits at once with 130, saving nothing."""
+    import os as os_
+    import signal
+    import time
+
+    from launch import free_port, wait_all, wait_for_line
+
+    d, log = tmp_path / "ckpt", tmp_path / "launch.log"
+    proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
+                   "checkpoint.interval=0", f"checkpoint.dir={d}", *SLOW_STEPS], log)
+    wait_for_line(log, "step 2/1000", [proc], timeout=240)
+    os_.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    os_.killpg(proc.pid, signal.SIGINT)
+    pressed = time.monotonic()
+    assert wait_all([proc], timeout=120) == [130], log.read_text()[-3000:]
+    assert time.monotonic() - pressed < 20
+    text = log.read_text()
+    assert "second SIGINT" in text and "saved checkpoint" not in text, text[-3000:]
+    assert not (d / "latest_checkpointed_iteration.txt").exists()
+
