@@ -106,6 +106,41 @@ class MicroBatches:
             yield batch
 
 
+class BatchPrefetcher:
+    """The micro-batches of iteration i, with those of i + 1 built in a background thread while
+    step i runs (pinned for a non-blocking copy on CUDA). A rank whose model chunks are all middle
+    pipeline stages needs no data and loads none: it gets `None` per micro-batch.
+
+    The batches are a pure function of the iteration, so prefetching changes nothing but timing."""
+
+    def __init__(self, batches: MicroBatches, needs_data: bool, pin_memory: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.batches, self.needs_data, self.pin_memory = batches, needs_data, pin_memory
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if needs_data else None
+        self._next: tuple[int, object] | None = None
+
+    def _build(self, iteration: int) -> list[dict]:
+        micro = list(self.batches.for_iteration(iteration))
+        if self.pin_memory:
+            micro = [{k: v.pin_memory() for k, v in batch.items()} for batch in micro]
+        return micro
+
+    def get(self, iteration: int, prefetch_next: bool = True) -> list:
+        if not self.needs_data:
+            return [None] * self.batches.num_microbatches
+        if self._next is not None and self._next[0] == iteration:
+            micro = self._next[1].result()
+        else:
+            micro = self._build(iteration)
+        self._next = (iteration + 1, self._pool.submit(self._build, iteration + 1)) if prefetch_next else None
+        return micro
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_prefixes(recipe: Recipe) -> None:
     """Every data prefix has a .bin and .idx that agree, and tokens in each split megatron-core builds.
 
