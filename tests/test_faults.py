@@ -550,7 +550,7 @@ def test_ctrl_c_twice_exits_at_once_without_saving(tmp_path):
     proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
                    "checkpoint.interval=0", f"checkpoint.dir={d}", *SLOW_STEPS], log)
-    wait_for_line(log, "step 2/1000", [proc], timeout=240)
+    wait_for_line(log, "step 1/1000", [proc], timeout=240)  # step 2 has begun, and lasts ~3 s
     os_.killpg(proc.pid, signal.SIGINT)
     time.sleep(1.0)
     os_.killpg(proc.pid, signal.SIGINT)
