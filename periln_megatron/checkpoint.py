@@ -6,16 +6,31 @@
 
 The marker file is replaced atomically, and only after every rank has finished writing, so a
 crash in the middle of a save leaves the previous checkpoint as the one resume uses. Tensors are
-saved in a layout-independent form (the distributed optimizer's `fully_reshardable` format), so a
-checkpoint loads under any TP/PP.
+saved in a layout-independent form (the distributed optimizer's `fully_reshardable` keys: each
+parameter's fp32 copy and Adam moments as tensors of the parameter's global shape), so a
+checkpoint loads under any TP/PP/DP.
+
+`checkpoint.format` decides how those same tensors are written and read (either reads the other's):
+
+- `fully_parallel` (default): no gather. Each rank writes the slices of the optimizer state it owns
+  (its flat range of the distributed optimizer's buffers, cut into boxes of the parameters' global
+  tensors), and the model tensors, replicated across data parallelism, are spread over the DP ranks
+  (megatron-core's FullyParallelSaveStrategyWrapper). A load reads only the slices this rank owns
+  under the new layout. Extra memory during a save: the model tensors a rank writes (copies of
+  views into the DDP buffer) and the few parameters split between two ranks.
+- `gathered`: megatron-core's own `fully_reshardable` path, as before: every DP rank all-gathers
+  the full fp32 parameters and both Adam moments, DP rank 0 writes them and all model tensors; a
+  load reads the full tensors on every rank, then keeps its slice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +38,8 @@ import torch
 
 MARKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+FORMATS = ("fully_parallel", "gathered")
+DEFAULT_FORMAT = "fully_parallel"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -260,6 +277,192 @@ def _torch_adam_load_fixes(optimizer):
                 state["step"] = state["step"].detach().clone()
 
 
+def _row_major_boxes(lo: int, hi: int, shape: tuple) -> list[tuple[tuple, tuple]]:
+    """(offset, size) boxes of a row-major tensor of `shape` whose flat ranges tile [lo, hi), in
+    order: a partial leading row, a block of whole rows, a partial trailing row (recursively)."""
+    if hi <= lo:
+        return []
+    if len(shape) <= 1:
+        return [((lo,), (hi - lo,))]
+    inner = math.prod(shape[1:])
+    first, a = divmod(lo, inner)
+    last, b = divmod(hi, inner)
+    if first == last:
+        return [((first, *o), (1, *n)) for o, n in _row_major_boxes(a, b, shape[1:])]
+    boxes = []
+    if a:
+        boxes += [((first, *o), (1, *n)) for o, n in _row_major_boxes(a, inner, shape[1:])]
+        first += 1
+    if last > first:
+        boxes.append(((first,) + (0,) * (len(shape) - 1), (last - first, *shape[1:])))
+    if b:
+        boxes += [((last, *o), (1, *n)) for o, n in _row_major_boxes(0, b, shape[1:])]
+    return boxes
+
+
+def _pieces(sharded) -> list[tuple]:
+    """(ShardedTensor, flat start) for each part of a model parameter's checkpoint tensor(s): one
+    for a ShardedTensor; for a factory (SwiGLU's fc1 is two global tensors, gate and up), its parts,
+    each a contiguous flat range of the local parameter."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if not isinstance(sharded, ShardedTensorFactory):
+        return [(sharded, 0)]
+    index = torch.arange(sharded.data.numel(), dtype=torch.int64).view(sharded.data.shape)
+    pieces = []
+    for part in nested_values(sharded.build_fn(sharded.key, index, sharded.replica_id, None)):
+        flat = part.data.reshape(-1)
+        start = int(flat[0]) if flat.numel() else 0
+        if not torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=torch.int64)):
+            raise NotImplementedError(f"{sharded.key}: a checkpoint factory part is not a contiguous range")
+        pieces.append((part, start))
+    return pieces
+
+
+def _slice_tensors(sharded, key: str, flat: torch.Tensor, lo: int, replica_id) -> list[tuple]:
+    """ShardedTensors for `flat`, the elements [lo, lo + len(flat)) of a local parameter whose model
+    checkpoint tensor is `sharded`: boxes of the same global tensor shape under `key`, each a view
+    of `flat`. Returns (ShardedTensor, position in flat)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    hi = lo + flat.numel()
+    out = []
+    for piece, start in _pieces(sharded):
+        size = math.prod(piece.local_shape)
+        a, b = max(lo, start), min(hi, start + size)
+        if a >= b:
+            continue
+        pre = piece.prepend_axis_num
+        pos = a - lo
+        for offset, box in _row_major_boxes(a - start, b - start, tuple(piece.local_shape)):
+            n = math.prod(box)
+            # Leading (layer) axes become size-1 dimensions: irregular shards carry no prepend axes.
+            shape = (1,) * pre + tuple(box)
+            global_offset = tuple(piece.global_offset[:pre]) + tuple(
+                g + o for g, o in zip(piece.global_offset[pre:], offset))
+            out.append((ShardedTensor(
+                key=f"{key}.{piece.key}", data=flat[pos:pos + n].view(shape), dtype=flat.dtype,
+                local_shape=shape, global_shape=tuple(piece.global_shape), global_offset=global_offset,
+                axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=0,
+            ), pos))
+            pos += n
+    return out
+
+
+_STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")  # megatron's names in the fully_reshardable keys
+
+
+def _parallel_param_state(opt, model_sharded_state_dict, is_loading=False, metadata=None):
+    """Stands in for DistributedOptimizer.sharded_param_state_fully_reshardable: the same keys
+    (`optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>`, the parameter's global shape, fp32),
+    but each rank gives only the slices its own shard holds, as views: nothing is gathered or copied.
+    Parameters are numbered as megatron numbers them; those with no slice here are absent."""
+    from collections import ChainMap
+
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    model_sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    by_param = {sharded.data: sharded for sharded in nested_values(model_sharded)}
+    state, layout = {}, {}
+    param_idx = -1
+    for gbuf_idx, gbuf_range_maps in enumerate(opt.gbuf_ranges):
+        for range_maps in gbuf_range_maps.values():
+            owned = ChainMap(*(range_map["param_map"] for range_map in range_maps))
+            for model_param in opt.buffers[gbuf_idx].param_index_map:
+                param_idx += 1
+                if model_param not in owned:
+                    continue
+                param_range = owned[model_param]["param"]
+                if param_range.size == 0:
+                    continue
+                sharded = by_param.get(model_param)
+                if sharded is None:
+                    raise CheckpointError(f"a parameter of shape {tuple(model_param.shape)} has no checkpoint key")
+                if len(sharded.replica_id) != 3:
+                    raise CheckpointError(f"{sharded.key}: expected a (PP, TP, DP) replica id, got {sharded.replica_id}")
+                # Replicated across TP like the model tensor; never across DP: each slice is this rank's own.
+                replica_id = (*sharded.replica_id[:2], opt.distributed_optimizer_instance_id)
+                tensors = opt._get_main_param_and_optimizer_states(model_param)
+                entry, where = {}, {}
+                for name in _STATE_KEYS:
+                    flat = tensors[name].detach().view(-1)
+                    if flat.numel() != param_range.size:
+                        raise CheckpointError(f"{sharded.key}: {name} holds {flat.numel()} elements, "
+                                              f"the shard {param_range.size}")
+                    parts = _slice_tensors(sharded, f"optimizer.state.{name}", flat, param_range.start, replica_id)
+                    entry[name] = [t for t, _ in parts]
+                    where[name] = [pos for _, pos in parts]
+                state[param_idx] = entry
+                layout[param_idx] = (model_param, where)
+    opt._periln_parallel_layout = layout
+    return state
+
+
+def _load_parallel_param_state(opt, param_state: dict) -> None:
+    """Stands in for DistributedOptimizer.load_parameter_state_from_fully_reshardable: the loaded
+    slices are normally read in place into the optimizer's own tensors; copy any that were not."""
+    layout = opt._periln_parallel_layout
+    for param_idx, (model_param, where) in layout.items():
+        tensors = opt._get_main_param_and_optimizer_states(model_param)
+        for name in _STATE_KEYS:
+            flat = tensors[name].detach().view(-1)
+            for loaded, pos in zip(param_state[param_idx][name], where[name]):
+                loaded = loaded.reshape(-1)
+                target = flat[pos:pos + loaded.numel()]
+                if loaded.data_ptr() != target.data_ptr():
+                    target.copy_(loaded)
+        if getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            # the tensors above were unscaled copies: write them back
+            opt._set_main_param_and_optimizer_states(model_param, {k: tensors[k] for k in _STATE_KEYS})
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in inners if isinstance(o, DistributedOptimizer)]
+
+
+@contextlib.contextmanager
+def _parallel_optimizer_state(optimizer, enabled: bool):
+    """With `enabled`, the distributed optimizers' fully_reshardable state methods are this module's
+    no-gather ones (instance attributes, removed on exit)."""
+    patched = _distributed_optimizers(optimizer) if enabled and optimizer is not None else []
+    for opt in patched:
+        opt.sharded_param_state_fully_reshardable = types.MethodType(_parallel_param_state, opt)
+        opt.load_parameter_state_from_fully_reshardable = types.MethodType(_load_parallel_param_state, opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            for name in ("sharded_param_state_fully_reshardable", "load_parameter_state_from_fully_reshardable",
+                         "_periln_parallel_layout"):
+                opt.__dict__.pop(name, None)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def _save_strategy(fmt: str):
+    """fully_parallel: megatron-core's torch_dist writer, with the model tensors (replicated
+    across data parallelism) spread over the DP ranks. gathered: the default writer (the first
+    replica, DP rank 0, writes them)."""
+    from megatron.core import parallel_state as ps
+
+    if fmt != "fully_parallel" or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
     from megatron.core.utils import unwrap_model
 
@@ -271,12 +474,13 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, keep: int,
-         async_queue=None) -> Path:
+         async_queue=None, fmt: str = DEFAULT_FORMAT) -> Path:
     """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones.
 
     With `async_queue` (megatron's AsyncCallsQueue, GPU) the tensors are written in the background and
-    the marker moves when the queue finalizes the request.
+    the marker moves when the queue finalizes the request. `fmt`: see FORMATS and the module docstring.
     """
+    _check_format(fmt)
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -290,7 +494,9 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
     torch.distributed.barrier()
 
     _allocate_adam_state(optimizer)
-    state = _sharded_state(chunks, optimizer, is_loading=False)
+    with _parallel_optimizer_state(optimizer, enabled=fmt == "fully_parallel"):
+        state = _sharded_state(chunks, optimizer, is_loading=False)
+    strategy = _save_strategy(fmt)
     state["rng_state"] = _rng_object()
     state["iteration"] = iteration
     state["scheduler"] = scheduler.state_dict()
@@ -306,12 +512,12 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
         torch.distributed.barrier()
 
     if async_queue is not None:
-        request = dist_checkpointing.save(state, str(target), async_sharded_save=True)
+        request = dist_checkpointing.save(state, str(target), strategy, async_sharded_save=True)
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     else:
         try:
-            dist_checkpointing.save(state, str(target))
+            dist_checkpointing.save(state, str(target), strategy)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk reads "unexpected pos ..."
             raise CheckpointError(f"{target}: saving iteration {iteration} failed: {_write_failure(target, e)}; "
                                   f"the marker still names iteration {latest_iteration(root)}") from e
@@ -358,14 +564,19 @@ def _check_absent_keys(directory: Path, absent: set) -> None:
                               f"{' ...' if len(real) > 8 else ''} ({len(real)} keys): a different model or placement?")
 
 
-def load(directory: Path, chunks, optimizer, scheduler) -> int:
-    """Load a checkpoint directory into the model (and optimizer/scheduler if given); return its iteration."""
+def load(directory: Path, chunks, optimizer, scheduler, fmt: str = DEFAULT_FORMAT) -> int:
+    """Load a checkpoint directory into the model (and optimizer/scheduler if given); return its iteration.
+
+    Either format's checkpoint loads either way under any layout; `fmt` decides how the optimizer
+    state is read: fully_parallel reads only this rank's slices, gathered the whole tensors."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    _check_format(fmt)
     directory = Path(directory)
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    with _torch_adam_load_fixes(optimizer) if optimizer is not None else contextlib.nullcontext():
+    with (_torch_adam_load_fixes(optimizer) if optimizer is not None else contextlib.nullcontext(),
+          _parallel_optimizer_state(optimizer, enabled=fmt == "fully_parallel")):
         state = _sharded_state(chunks, optimizer, is_loading=True)
         if optimizer is not None and common.get("layout") == _layout():
             state["rng_state"] = _rng_object()  # RNG streams only carry over to the same layout

@@ -42,6 +42,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     recompute: str = "none"  # none | selective | full
     recompute_num_layers: int = 1
+    # On a GPU: the fused cross-entropy (Transformer Engine's kernel where TE is installed, which
+    # keeps the logits' gradient in the BF16 logits instead of an FP32 softmax copy; else
+    # megatron-core's native fused one). Off on CPU. false: megatron's unfused loss (deterministic).
+    cross_entropy_fusion: bool = True
 
     @property
     def ffn_size(self) -> int:
@@ -127,6 +131,11 @@ class CheckpointConfig:
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
     save_at_end: bool = True
     on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
+    # How checkpoints are written and read; both load under any TP/PP/DP and read each other's.
+    # fully_parallel: every rank writes its own optimizer shard and a share of the model tensors, no
+    # gather. gathered: megatron-core's fully_reshardable path (each DP rank gathers the full fp32
+    # params and Adam moments; DP rank 0 writes everything): far more memory, kept for comparison.
+    format: str = "fully_parallel"
 
 
 @dataclass
@@ -134,6 +143,9 @@ class LoggingConfig:
     interval: int = 1
     run_dir: str | None = None  # None: checkpoint.dir, else runs/<name>
     tensorboard: bool = True
+    # Dense peak TFLOP/s of one GPU at the recipe's precision, for MFU; None: from the table of known
+    # GPUs (periln_megatron/flops.py). Throughput (tokens/s/GPU, TFLOP/s/GPU) is logged either way.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -331,6 +343,7 @@ CHOICES = {
     "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
     "checkpoint.on_corrupt": ("fail", "previous"),
+    "checkpoint.format": ("fully_parallel", "gathered"),
     "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
 }
 
@@ -379,6 +392,9 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
 
     if not (math.isfinite(t.distributed_timeout_minutes) and t.distributed_timeout_minutes > 0):
         fail("train.distributed_timeout_minutes", f"must be a positive number of minutes, got {t.distributed_timeout_minutes}")
+    peak = recipe.logging.peak_tflops
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        fail("logging.peak_tflops", f"must be a positive number of TFLOP/s (or null), got {peak}")
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim

@@ -402,8 +402,8 @@ def test_plot_still_refuses_corruption_in_the_middle(trained, tmp_path):
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                  "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "PERILN_RUN_LOCK", "PERILN_RANK_STATUS_DIR")
 TRAIN_MODULE = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml"]
-# ~3 s per step on 2 cores: time for a second Ctrl-C to land before the step's end
-SLOW_STEPS = ["train.global_batch_size=768", "train.micro_batch_size=8"]
+# ~5 s per step on 2 cores: time for a second Ctrl-C to land before the step's end
+SLOW_STEPS = ["train.global_batch_size=1024", "train.micro_batch_size=16"]
 
 
 def _spawn(args: list[str], log: Path, env: dict | None = None):
@@ -550,9 +550,9 @@ def test_ctrl_c_twice_exits_at_once_without_saving(tmp_path):
     proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
                    "checkpoint.interval=0", f"checkpoint.dir={d}", *SLOW_STEPS], log)
-    wait_for_line(log, "step 1/1000", [proc], timeout=240)  # step 2 has begun, and lasts ~3 s
+    wait_for_line(log, "step 1/1000", [proc], timeout=240)  # step 2 has begun, and lasts ~5 s
     os_.killpg(proc.pid, signal.SIGINT)
-    time.sleep(1.0)
+    time.sleep(1.5)  # well apart: presses closer than 0.5 s count as one
     os_.killpg(proc.pid, signal.SIGINT)
     pressed = time.monotonic()
     assert wait_all([proc], timeout=120) == [130], log.read_text()[-3000:]
