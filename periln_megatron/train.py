@@ -322,7 +322,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     if latest is not None:
         path = checkpoint.iteration_dir(ckpt_root, latest)
         if checkpoint.has_optimizer_state(path):
-            iteration = checkpoint.load(path, chunks, optimizer, scheduler)
+            iteration = checkpoint.load(path, chunks, optimizer, scheduler, fmt=recipe.checkpoint.format)
             weights_from = None
             if rank0:
                 print(f"resumed from iteration {iteration} ({path})", flush=True)
@@ -349,7 +349,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             return
         param_gather.sync_now()
         checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml(), recipe.checkpoint.keep,
-                        async_queue=async_queue)
+                        async_queue=async_queue, fmt=recipe.checkpoint.format)
         if async_queue is not None and blocking:
             async_queue.maybe_finalize_async_calls(blocking=True)
 
