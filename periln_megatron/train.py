@@ -26,7 +26,6 @@ from periln_megatron.config import Recipe
 from periln_megatron.launch import record_status
 
 EXIT_FINISHED, EXIT_REQUEUE, EXIT_NONFINITE = 0, 75, 3
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 class NonFiniteError(RuntimeError):
@@ -77,12 +76,47 @@ class StopFlag:
         return self.reason is not None
 
 
-def transformer_config(recipe: Recipe):
-    from megatron.core.transformer import TransformerConfig
+def fusion_kernels() -> dict[str, bool]:
+    """What this process can fuse with: `cuda`; `have_te`, Transformer Engine (fused RoPE, its
+    cross-entropy kernel, fused weight-gradient accumulation in its linears); `have_apex`, apex's
+    CUDA extensions: fused_weight_gradient_mlp_cuda, which megatron's own linears need for
+    gradient-accumulation fusion (the LM head is one under either backend), and the masked-softmax
+    kernels of the local backend's attention. Megatron-LM turns all of these on by default."""
+    import importlib
 
+    def importable(*names: str) -> bool:
+        try:
+            for name in names:
+                importlib.import_module(name)
+            return True
+        except Exception:  # noqa: BLE001 - ImportError, or an extension built for another CUDA/torch
+            return False
+
+    from periln_megatron.specs import HAVE_TE
+
+    return {"cuda": torch.cuda.is_available(), "have_te": HAVE_TE,
+            "have_apex": importable("fused_weight_gradient_mlp_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                                    "scaled_masked_softmax_cuda")}
+
+
+def transformer_config_kwargs(recipe: Recipe, *, cuda: bool | None = None, have_te: bool | None = None,
+                              have_apex: bool | None = None) -> dict:
+    """TransformerConfig's arguments for `recipe`; capabilities not given are this process's
+    (fusion_kernels()), so a test can ask for the config a CUDA run builds without a GPU.
+
+    On CUDA, as Megatron-LM: bias-dropout-add, SwiGLU and persistent-LN fusions; RoPE fusion and
+    TE's cross-entropy with TE (megatron-core's native fused cross-entropy without it), both
+    placement-independent (rotary acts on q/k before the core attention; the loss on the last
+    stage's logits); gradient-accumulation fusion and the masked-softmax kernel with apex. The
+    output norm of RowParallelLinearWithOutNorm (peri/output) is a plain autograd module after the
+    linear's fused-wgrad GEMM, and the post-LN NormAfterAdd calls megatron's (fused)
+    bias-dropout-add first, so every placement runs with every fusion. On CPU every fusion is off."""
+    found = fusion_kernels() if None in (cuda, have_te, have_apex) else {}
+    cuda = found["cuda"] if cuda is None else cuda
+    have_te = found["have_te"] if have_te is None else have_te
+    have_apex = found["have_apex"] if have_apex is None else have_apex
     m, p, prec = recipe.model, recipe.parallel, recipe.precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(prec.preset, torch.float32)
-    cuda = torch.cuda.is_available()
     kwargs = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_size,
@@ -93,9 +127,11 @@ def transformer_config(recipe: Recipe):
         virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=not cuda, gradient_accumulation_fusion=False,
-        bias_dropout_fusion=cuda, apply_rope_fusion=False, masked_softmax_fusion=cuda,
-        persist_layer_norm=cuda,
+        use_cpu_initialization=not cuda, gradient_accumulation_fusion=cuda and have_apex,
+        bias_dropout_fusion=cuda, bias_activation_fusion=cuda, apply_rope_fusion=cuda and have_te,
+        masked_softmax_fusion=cuda and have_apex, persist_layer_norm=cuda,
+        cross_entropy_loss_fusion=cuda and m.cross_entropy_fusion,
+        cross_entropy_fusion_impl="te" if cuda and have_te else "native",
     )
     if m.recompute != "none":
         kwargs.update(recompute_granularity=m.recompute)
@@ -106,7 +142,14 @@ def transformer_config(recipe: Recipe):
                       first_last_layers_bf16=prec.fp8_bf16_first_last_layers > 0,
                       num_layers_at_start_in_bf16=prec.fp8_bf16_first_last_layers,
                       num_layers_at_end_in_bf16=prec.fp8_bf16_first_last_layers)
-    return TransformerConfig(**kwargs)
+    return kwargs
+
+
+def transformer_config(recipe: Recipe, **capabilities):
+    """megatron-core's TransformerConfig for `recipe` (capabilities: see transformer_config_kwargs)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(recipe, **capabilities))
 
 
 def build_model_chunks(recipe: Recipe, config, vocab_size: int) -> list:
@@ -265,12 +308,10 @@ def run_schedule(chunks, batches, iteration, recipe, forward_only: bool):
 
 
 def model_flops_per_token(recipe: Recipe, vocab: int) -> float:
-    """6N plus attention, per token, for an MFU estimate."""
-    m = recipe.model
-    from periln_megatron.param_count import count_parameters
+    """Training FLOPs per token as Megatron-LM counts them (periln_megatron/flops.py)."""
+    from periln_megatron import flops
 
-    n = count_parameters(recipe, vocab)["total"]
-    return 6 * n + 12 * m.num_layers * m.hidden_size * m.seq_length
+    return flops.training_flops_per_token(recipe, vocab)
 
 
 def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) -> int:
@@ -359,8 +400,14 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
         from periln_megatron.diagnostics import Diagnostics
 
         diagnostics = Diagnostics(chunks, recipe.diagnostics, config, optimizer)
+    from periln_megatron import flops
+
     flops_per_token = model_flops_per_token(recipe, vocab)
     tokens_per_step = t.global_batch_size * recipe.model.seq_length
+    peak, peak_source = flops.this_device_peak(recipe)
+    if rank0:
+        print(f"model FLOPs {flops_per_token / 1e9:.4g} GFLOP/token (Megatron-LM's count); "
+              f"MFU {'against the ' + peak_source if peak else 'not reported: ' + peak_source}", flush=True)
     for chunk in chunks:
         chunk.train()
     try:
@@ -387,8 +434,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             record = {"step": iteration, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step / elapsed, "ms_per_step": 1000 * elapsed,
                       "skipped": not updated}
-            if torch.cuda.is_available():
-                record["mfu"] = flops_per_token * tokens_per_step / elapsed / (env.world_size * H100_BF16_PEAK_FLOPS)
+            record.update(flops.throughput(flops_per_token, tokens_per_step, elapsed, env.world_size, peak))
             if diagnostics is not None:  # spike check every step (scalars); per-layer stats on measured steps
                 record.update(diagnostics.observe(loss, grad_norm if updated else None))
             if measure:
