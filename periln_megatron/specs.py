@@ -175,31 +175,57 @@ def _provider(backend: str):
     return LocalSpecProvider()
 
 
-def norm_module(config: TransformerConfig, backend: str = "local") -> type:
-    """The norm class for standalone norms: TENorm; apex FusedLayerNorm for a local LayerNorm when
-    apex is present; else `Norm`. (LocalSpecProvider.layer_norm is avoided on purpose: for RMSNorm
-    it returns WrappedTorchNorm, which rejects sequence parallelism, and rebinds a module global.)"""
-    if backend == "te":
-        return _provider("te").layer_norm(rms_norm=config.normalization == "RMSNorm")
+def _local_norm_class(config: TransformerConfig) -> type:
     if HAVE_APEX and config.normalization == "LayerNorm" and not config.layernorm_zero_centered_gamma:
         return FusedLayerNorm
     return Norm
 
 
-def check_spec_options(config: TransformerConfig, placement: str, backend: str) -> None:
+class LocalNorm:
+    """Spec-level factory, like megatron's TENorm: the local backend's standalone norm, chosen from
+    the config when built (`_local_norm_class`), for specs made without a config."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        return _local_norm_class(config)(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
+
+
+def norm_module(config: TransformerConfig | None, backend: str = "local") -> type:
+    """The norm class for standalone norms: TENorm; apex FusedLayerNorm for a local LayerNorm when
+    apex is present; else `Norm`. (LocalSpecProvider.layer_norm is avoided on purpose: for RMSNorm
+    it returns WrappedTorchNorm, which rejects sequence parallelism, and rebinds a module global.)
+    Without a config (spec built before the config exists), the local choice is deferred to build
+    time (`LocalNorm`); TENorm reads `config.normalization` when built anyway."""
+    if backend == "te":
+        return _provider("te").layer_norm(rms_norm=config is not None and config.normalization == "RMSNorm")
+    if config is None:
+        return LocalNorm
+    return _local_norm_class(config)
+
+
+def check_spec_options(config: TransformerConfig | None, placement: str, backend: str) -> None:
+    """`config` None: only placement and backend are checked (a spec built without a config)."""
     if placement not in PLACEMENTS:
         raise SpecError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if backend not in BACKENDS:
         raise SpecError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if config is None:
+        return
     if config.normalization not in NORMALIZATIONS:
         raise SpecError(f"normalization must be one of {NORMALIZATIONS}, got {config.normalization!r}")
     if config.fp8 and backend != "te":
         raise SpecError(f"fp8={config.fp8!r} needs backend 'te', got backend {backend!r}")
 
 
-def get_layer_spec(config: TransformerConfig, placement: str = "peri", backend: str = "local") -> ModuleSpec:
-    """ModuleSpec of one GPT decoder layer (causal self-attention + MLP) for `placement`."""
+def get_layer_spec(config: TransformerConfig | None, placement: str = "peri", backend: str = "local") -> ModuleSpec:
+    """ModuleSpec of one GPT decoder layer (causal self-attention + MLP) for `placement`.
+
+    `config` may be None (a spec made at import time, as Megatron-LM's `--spec` needs: see
+    periln_megatron/megatron_lm.py): every norm then reads `config.normalization` when built.
+    Not for `post`, whose `NormAfterAdd` is built by TransformerLayer without a config."""
     check_spec_options(config, placement, backend)
+    if config is None and placement == "post":
+        raise SpecError("placement 'post' needs the config: TransformerLayer builds its bias-dropout-add "
+                        "slot (NormAfterAdd) without one")
     provider = _provider(backend)
     norm = norm_module(config, backend)
     has_input_norm = placement in ("peri", "pre")

@@ -1,0 +1,206 @@
+"""periln_megatron.megatron_lm: the module-level specs for Megatron-LM's `pretrain_gpt.py --spec`.
+
+Each spec is fetched the way Megatron-LM core_v0.16.1's `gpt_builders.gpt_builder` fetches it
+(`import_module(args.spec)`, args.spec being argparse's `nargs='*'` list) and handed to `GPTModel`
+with gpt_builder's arguments; the model must compute what periln_megatron's own builder computes
+from the same weights, and save under the same checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from launch import free_port
+
+from periln_megatron import megatron_lm, runtime, specs
+from periln_megatron.model import build_gpt_model, transformer_config
+
+VOCAB, SEQ = 96, 24
+SIZE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96)
+NORM_EPS = {"RMSNorm": 1e-5, "LayerNorm": 1e-6}  # a non-default eps: it must reach every norm
+needs_te_gpu = pytest.mark.skipif(
+    not (specs.HAVE_TE and torch.cuda.is_available()), reason="needs Transformer Engine and a CUDA GPU"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        assert parallel_state.get_tensor_model_parallel_world_size() == 1
+        yield
+        return
+    os.environ["MASTER_PORT"] = str(free_port())
+    runtime.initialize(runtime.ParallelLayout(), seed=0)
+    yield
+    runtime.shutdown()
+
+
+def fetch_spec(name: str):
+    """As gpt_builders.py: `transformer_layer_spec = import_module(args.spec)`."""
+    from megatron.core.transformer.spec_utils import import_module
+
+    return import_module(["periln_megatron.megatron_lm", name])
+
+
+def make_config(normalization="RMSNorm", **kw):
+    return transformer_config(**{**SIZE, "normalization": normalization, "layernorm_epsilon": NORM_EPS[normalization],
+                                 "params_dtype": torch.float32, "pipeline_dtype": torch.float32, **kw})
+
+
+def megatron_lm_model(config, name: str):
+    """GPTModel exactly as Megatron-LM core_v0.16.1's gpt_builder builds it with `--spec MODULE NAME`
+    (--untie-embeddings-and-output-weights, --position-embedding-type rope, no MTP)."""
+    from megatron.core.models.gpt import GPTModel
+
+    runtime.seed_everything(0)
+    return GPTModel(
+        config=config, transformer_layer_spec=fetch_spec(name), vocab_size=VOCAB, max_sequence_length=SEQ,
+        pre_process=True, post_process=True, fp16_lm_cross_entropy=False, parallel_output=True,
+        share_embeddings_and_output_weights=False, position_embedding_type="rope", rotary_percent=1.0,
+        rotary_base=10000, rope_scaling=False, mtp_block_spec=None, vp_stage=None, pg_collection=None,
+    )
+
+
+def builder_model(config, placement: str, backend: str = "local"):
+    runtime.seed_everything(1)
+    return build_gpt_model(config, placement=placement, backend=backend, embedding_norm=False,
+                           vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def randomize_norms(model, seed=3):
+    """Norm gains start at 1 (biases at 0): make them non-trivial so a misplaced norm shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def tensors(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def test_module_exposes_the_specs_and_no_post():
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    assert set(megatron_lm.SPEC_NAMES) == {"peri_te", "peri_local", "pre_te", "pre_local", "output_te", "output_local"}
+    for name in megatron_lm.SPEC_NAMES:
+        spec = fetch_spec(name)
+        assert isinstance(spec, ModuleSpec) and spec.module is TransformerLayer, name
+    for name in ("post_te", "post_local"):  # left out by design (module docstring)
+        with pytest.raises(KeyError):
+            fetch_spec(name)
+    with pytest.raises(specs.SpecError, match="post"):
+        specs.get_layer_spec(None, "post", "local")
+
+
+def _classes(spec) -> set:
+    """Every class a spec names, through ModuleSpec params/submodules."""
+    from dataclasses import fields, is_dataclass
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    found = set()
+    if isinstance(spec, ModuleSpec):
+        found.add(spec.module)
+        found |= {v for v in spec.params.values() if isinstance(v, type) or type(v).__name__ == "MagicMock"}
+        spec = spec.submodules
+    elif spec is not None and not isinstance(spec, dict):
+        found.add(spec)
+    if is_dataclass(spec):
+        for f in fields(spec):
+            found |= _classes(getattr(spec, f.name))
+    return found
+
+
+def test_te_specs_reference_te_classes():
+    """The te specs name megatron's TE wrappers (placeholders here without TE), the local ones none."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    te_classes = {te_ext.TENorm, te_ext.TELayerNormColumnParallelLinear, te_ext.TEColumnParallelLinear,
+                  te_ext.TERowParallelLinear, te_ext.TEDotProductAttention}
+    for placement in megatron_lm.PLACEMENTS:
+        layer = fetch_spec(f"{placement}_te").submodules
+        attn, mlp = layer.self_attention.submodules, layer.mlp.submodules
+        assert attn.core_attention is te_ext.TEDotProductAttention
+        assert layer.input_layernorm is IdentityOp and layer.pre_mlp_layernorm is IdentityOp
+        fused = te_ext.TELayerNormColumnParallelLinear if placement in ("peri", "pre") else te_ext.TEColumnParallelLinear
+        assert attn.linear_qkv is fused and mlp.linear_fc1 is fused, placement
+        for out in (attn.linear_proj, mlp.linear_fc2):
+            if placement in ("peri", "output"):
+                assert out.module is specs.RowParallelLinearWithOutNorm
+                assert out.params["linear"] is te_ext.TERowParallelLinear
+                assert out.submodules.out_norm is te_ext.TENorm
+            else:
+                assert out is te_ext.TERowParallelLinear
+        local = _classes(fetch_spec(f"{placement}_local"))
+        assert not local & te_classes, placement
+        assert specs.LocalNorm in local, placement
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("placement", megatron_lm.PLACEMENTS)
+def test_local_spec_matches_builder(placement, normalization):
+    """Same weights, same logits, same gradients: the GPTModel Megatron-LM builds from
+    `--spec periln_megatron.megatron_lm <placement>_local` is periln_megatron's model. One module-level
+    spec serves both normalisations (the norms read the config when built)."""
+    config = make_config(normalization)
+    ours = builder_model(config, placement)
+    randomize_norms(ours)
+    theirs = megatron_lm_model(config, f"{placement}_local")
+    ours_state, theirs_state = tensors(ours.state_dict()), tensors(theirs.state_dict())
+    assert set(ours_state) == set(theirs_state)
+    assert any(k.endswith("norm.bias") for k in theirs_state) == (normalization == "LayerNorm")
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert theirs.decoder.final_layernorm.eps == NORM_EPS[normalization]
+
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    position_ids = torch.arange(SEQ).expand(2, SEQ)
+    for model in (ours, theirs):
+        model.eval()
+        model.zero_grad()
+    got = theirs(tokens, position_ids, None)
+    want = ours(tokens, position_ids, None)
+    assert got.shape == (2, SEQ, VOCAB) and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    got.float().square().mean().backward()
+    want.float().square().mean().backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(p.grad, ours_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("placement", megatron_lm.PLACEMENTS)
+def test_local_spec_checkpoint_keys_match_builder(placement):
+    """dist_checkpointing keys (TE names, as the builder's) are the same: checkpoints are interchangeable."""
+    config = make_config()
+    ours = {v.key for k, v in builder_model(config, placement).sharded_state_dict().items()}
+    theirs = {v.key for k, v in megatron_lm_model(config, f"{placement}_local").sharded_state_dict().items()}
+    assert ours == theirs
+    if placement in ("peri", "pre"):
+        assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in theirs
+    if placement in ("peri", "output"):
+        assert "decoder.layers.mlp.linear_fc2.out_norm.weight" in theirs
+
+
+@needs_te_gpu
+@pytest.mark.parametrize("placement", megatron_lm.PLACEMENTS)
+def test_te_spec_matches_builder(placement):
+    config = make_config()
+    ours = builder_model(config, placement, "te").cuda()
+    randomize_norms(ours)
+    theirs = megatron_lm_model(config, f"{placement}_te").cuda()
+    assert set(tensors(ours.state_dict())) == set(tensors(theirs.state_dict()))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda")
+    position_ids = torch.arange(SEQ, device="cuda").expand(2, SEQ)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens, position_ids, None), ours(tokens, position_ids, None))
