@@ -56,24 +56,44 @@ periln_env() {
     # Use GPUDirect RDMA between the NIC and GPU memory when they share a PCIe switch (H100 HGX).
     : "${NCCL_NET_GDR_LEVEL:=PHB}"
     # Optional, cluster specific, exported only when set: the IB HCAs NCCL may use
-    # (e.g. "mlx5_0,mlx5_1,..."), the socket interface for bootstrap/out-of-band traffic (e.g.
-    # "ib0" or "^docker,lo"), and the IB service level / traffic class of the fabric's QoS setup.
-    : "${NCCL_IB_HCA:=}" "${NCCL_SOCKET_IFNAME:=}" "${NCCL_IB_SL:=}" "${NCCL_IB_TC:=}"
+    # (e.g. "mlx5_0,mlx5_1,...") and the IB service level / traffic class of the fabric's QoS setup.
+    : "${NCCL_IB_HCA:=}" "${NCCL_IB_SL:=}" "${NCCL_IB_TC:=}"
+    # The network interface that ranks on different nodes reach each other through, for the socket
+    # traffic of torch.distributed: gloo's connections (CPU runs, and the gloo groups megatron-core
+    # creates beside NCCL's) and NCCL's bootstrap. PERILN_SOCKET_IFNAME names it for both, as exact
+    # interface names present on every node ("eth0", "ib0"); GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME
+    # override one (NCCL's also takes "^docker,lo" or a prefix). Unset, gloo uses the address the
+    # node's hostname resolves to and NCCL picks an interface itself: set it where hostnames resolve
+    # to a loopback address (127.0.1.1 in Debian's /etc/hosts) or to a network between the nodes
+    # that should not carry the traffic. Exported only when set.
+    : "${PERILN_SOCKET_IFNAME:=}"
+    : "${GLOO_SOCKET_IFNAME:=$PERILN_SOCKET_IFNAME}" "${NCCL_SOCKET_IFNAME:=$PERILN_SOCKET_IFNAME}"
     # CPU threads per rank for intra-op parallelism (data loading, CPU ops); 8 ranks share a node.
     : "${OMP_NUM_THREADS:=${SLURM_CPUS_PER_TASK:-4}}"
     # Print log lines as they happen, not when a buffer fills, so the job log follows training.
     : "${PYTHONUNBUFFERED:=1}"
-    # Rendezvous host: the job's first node. The port defaults (in the trainer) to
+    # Rendezvous host: the job's first node, where rank 0 runs (the batch shell too). Always this
+    # job's: sbatch exports the submitting shell's environment, and a MASTER_ADDR there (from an
+    # earlier job or a torchrun session) names other nodes. The port defaults (in the trainer) to
     # 20000 + job id % 20000, so jobs sharing a node do not collide; set MASTER_PORT to pin it.
-    if [ -z "${MASTER_ADDR:-}" ]; then
-        MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1)
-        : "${MASTER_ADDR:=${SLURMD_NODENAME:-127.0.0.1}}"
+    local first var stale=""
+    first=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1)
+    : "${first:=${SLURMD_NODENAME:-}}"
+    if [ -n "$first" ]; then
+        [ -n "${MASTER_ADDR:-}" ] && [ "$MASTER_ADDR" != "$first" ] && stale+=" MASTER_ADDR=$MASTER_ADDR"
+        MASTER_ADDR=$first
     fi
+    : "${MASTER_ADDR:=127.0.0.1}"
+    # The trainer takes torchrun's RANK/WORLD_SIZE/LOCAL_RANK before Slurm's: left over from the
+    # submitting shell, they would make every srun task a world of one.
+    for var in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK; do
+        [ -n "${!var+set}" ] && stale+=" $var=${!var}" && unset "$var"
+    done
+    [ -z "$stale" ] || periln_log "ignoring the submitting shell's${stale}: srun sets the ranks, the rendezvous is this job's first node"
     export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS TORCH_NCCL_ASYNC_ERROR_HANDLING \
         NCCL_DEBUG NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_NET_GDR_LEVEL OMP_NUM_THREADS \
         PYTHONUNBUFFERED MASTER_ADDR
-    local var
-    for var in NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_SL NCCL_IB_TC; do
+    for var in NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_SL NCCL_IB_TC GLOO_SOCKET_IFNAME; do
         if [ -n "${!var}" ]; then export "${var?}"; else unset "$var"; fi
     done
 }
@@ -220,8 +240,11 @@ PY
 # 0, so that srun --kill-on-bad-exit does not cancel the step while the other ranks still exit from
 # the same save. Slurm signals every process of a step: the trap keeps this shell waiting for the
 # trainer, which acts on TERM/USR1 itself (a trapped signal waits for the foreground command).
+# It first prints where the rank runs: the kernel's hostname, not $HOSTNAME, which srun copies from
+# the batch shell's environment to every node.
 # shellcheck disable=SC2016  # expanded by the rank's shell, not here
 readonly PERILN_RANK_WRAPPER='trap : TERM USR1
+printf "[periln-slurm %(%F %T)T] rank %s/%s (local %s) on %s, master %s\n" -1 "$SLURM_PROCID" "$SLURM_NTASKS" "$SLURM_LOCALID" "$(</proc/sys/kernel/hostname)" "$MASTER_ADDR"
 "$@"
 rc=$?
 printf "%s\n" "$rc" >"$PERILN_EXIT_DIR/$SLURM_PROCID" || exit "$rc"
@@ -293,6 +316,9 @@ periln_main() {
     periln_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_RESTART_COUNT:-0}:" \
         "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}], ${SLURM_NTASKS:-?} task(s), master $MASTER_ADDR"
     periln_log "recipe $RECIPE, checkpoints $CKPT_DIR${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
+    if [ -n "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]; then
+        periln_log "socket interfaces: GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-unset} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-unset}"
+    fi
     periln_log "launch: ${PERILN_SRUN[*]} ${PERILN_CMD[*]}"
 
     PERILN_EXIT_DIR="$CKPT_DIR/.periln-exit/${SLURM_JOB_ID:-$$}"

@@ -183,7 +183,8 @@ class SlurmCluster:
                 if r.returncode != 0 or not r.stdout.strip():
                     break
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld"):
+        # Every slurmd first (a subclass may run several), then slurmctld.
+        for name in sorted(self.procs, key=lambda n: n == "slurmctld"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue

@@ -1,0 +1,199 @@
+"""The multi-node paths of the Slurm templates, on a real two-node Slurm cluster on this machine.
+
+Each node is a network namespace with its own address, hostname and slurmd (tests/slurm_multinode.py),
+so a job's ranks on node01 and node02 reach each other only over the network, as on a cluster:
+MASTER_ADDR from the job's node list, ranks and local ranks per node, the rendezvous and the
+collectives between hosts, a requeue and a rank lost on one node. slurm/peri_3b.sbatch runs
+unchanged with the tiny recipe at TP=2 and sbatch options for this machine (-N2, no GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import run_torchrun
+from periln_megatron.runtime import first_host
+from slurm_cluster import REPO, slurm_available
+from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unavailable, remove_stale
+from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)
+from test_slurm import TEMPLATE, TINY, read, steps, trainer_pid, wait_for_log, wait_through_requeue
+
+STEPS = 16
+SETS = "parallel.tp=2 checkpoint.interval=1000"
+RANK_LINE = re.compile(r"^\[periln-slurm [^]]+\] rank (\d+)/(\d+) \(local (\d+)\) on (\S+), master (\S+)$", re.M)
+
+
+def submit(cluster, tmp: Path, name: str, per_node: int = 1, env: dict | None = None, options=()) -> tuple[str, Path]:
+    """sbatch the template on both nodes from the repo root; returns (job id, log path)."""
+    log = tmp / f"{name}.out"
+    env = {"OMP_NUM_THREADS": "1", "CKPT_DIR": str(tmp / "ckpt"), "RECIPE": TINY, "TRAIN_STEPS": str(STEPS),
+           "EXTRA_SETS": SETS, **(env or {})}
+    opts = ["-N2", f"--ntasks-per-node={per_node}", "--gpus-per-node=0", f"--output={log}",
+            f"--job-name={name}", *options]
+    return cluster.sbatch([TEMPLATE], env=env, options=opts), log
+
+
+def must(info, log: Path, state="COMPLETED", exit_code="0:0"):
+    assert (info.state, info.exit_code) == (state, exit_code), f"{info.fields}\n--- job log\n{read(log)[-6000:]}"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss from the run's metrics.jsonl (full precision), every step once."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def rank_lines(text: str) -> dict[int, tuple[int, int, str, str]]:
+    """rank -> (world size, local rank, host, MASTER_ADDR), from each rank's start line."""
+    return {int(r): (int(n), int(local), host, master) for r, n, local, host, master in RANK_LINE.findall(text)}
+
+
+_references: dict[int, dict[int, float]] = {}
+
+
+def torchrun_losses(nproc: int, tmp_factory) -> dict[int, float]:
+    """Losses of the same recipe and layout run by torchrun on one host (loopback), once per size."""
+    if nproc not in _references:
+        ckpt = tmp_factory.mktemp(f"torchrun{nproc}")
+        run_torchrun(nproc, ["-m", "periln_megatron.train", "--recipe", str(REPO / TINY),
+                             "--set", f"checkpoint.dir={ckpt}", "--set", f"train.steps={STEPS}",
+                             *[a for s in SETS.split() for a in ("--set", s)]], timeout=240)
+        _references[nproc] = losses(ckpt)
+        assert sorted(_references[nproc]) == list(range(1, STEPS + 1))
+    return _references[nproc]
+
+
+# ----------------------------------------------------------------------------- training across nodes
+
+@pytest.mark.parametrize("per_node", [1, 2], ids=["1-task-per-node", "2-tasks-per-node"])
+def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_node):
+    """TP=2 across the two nodes (1 task per node), or TP=2 within each node and DP=2 across them
+    (2 tasks per node, Megatron's rank order): the ranks sit on the nodes Slurm says, rendezvous at
+    the first node, and every loss equals torchrun's on one host. The 4-rank job also names the
+    socket interface (PERILN_SOCKET_IFNAME) and is submitted from a shell that ran torchrun before
+    (MASTER_ADDR of another node, RANK/WORLD_SIZE/LOCAL_RANK of a world of one): the job ignores those."""
+    env = {}
+    if per_node == 2:
+        env = {"PERILN_SOCKET_IFNAME": "eth0", "MASTER_ADDR": "node02", "RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_RANK": "0"}
+    job, log = submit(slurm_nodes, tmp_path, f"two-nodes-{per_node}", per_node, env)
+    info = slurm_nodes.wait_job(job, timeout=240)
+    must(info, log)
+    text = read(log)
+    world = 2 * per_node
+    assert info.fields["NodeList"] == "node[01-02]" and first_host(info.fields["NodeList"]) == "node01"
+    assert re.search(rf"2 node\(s\) \[node\[01-02\]\], {world} task\(s\), master node01$", text, re.M), text[-4000:]
+    expected = {r: (world, r % per_node, f"node0{r // per_node + 1}", "node01") for r in range(world)}
+    assert rank_lines(text) == expected, text[-4000:]
+    assert f"periln-train: {world} ranks (slurm), tp=2 pp=1 vpp=None cp=1 dp={per_node}" in text, text[-4000:]
+    if per_node == 2:
+        assert "socket interfaces: GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0" in text, text[-4000:]
+        assert ("ignoring the submitting shell's MASTER_ADDR=node02 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0: srun sets "
+                "the ranks, the rendezvous is this job's first node") in text, text[-4000:]
+    assert steps(text) == list(range(1, STEPS + 1)), text[-4000:]
+    assert losses(tmp_path / "ckpt") == torchrun_losses(world, tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- requeue and failure
+
+def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path_factory):
+    """USR1 to the batch shell on node01 (what --signal=B:USR1@300 does): the ranks on both nodes save,
+    the job requeues itself, lands on both nodes again and resumes; every step's loss equals an
+    uninterrupted run's."""
+    job, log = submit(slurm_nodes, tmp_path, "preempt-2n")
+    wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
+    slurm_nodes._run(["scancel", "--signal=USR1", "--batch", job])
+    wait_for_log(slurm_nodes, job, log, r"requeueing job", timeout=90)
+    info = wait_through_requeue(slurm_nodes, job, timeout=240)
+    must(info, log)
+    text = read(log)
+    assert info.restarts == 1, info.fields
+    first, _, second = text.partition("requeueing job")
+    saved = re.findall(r"saved checkpoint iteration (\d+) to ", first)
+    assert len(saved) == 1 and 2 <= int(saved[0]) < STEPS, first[-4000:]
+    stop = int(saved[0])
+    assert steps(first) == list(range(1, stop + 1)) and steps(second) == list(range(stop + 1, STEPS + 1)), text[-6000:]
+    assert re.search(rf"resumed from iteration {stop} \(", second), second[-4000:]
+    placement = {0: (2, 0, "node01", "node01"), 1: (2, 0, "node02", "node01")}
+    assert rank_lines(first) == placement and rank_lines(second) == placement, text[-6000:]
+    assert "restart 1:" in second and "training finished (exit 0)" in second
+    assert losses(tmp_path / "ckpt") == torchrun_losses(2, tmp_path_factory)
+
+
+def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
+    """The trainer on node02 dies (SIGKILL, as the OOM killer does it): srun --kill-on-bad-exit stops
+    the rank on node01 too, the job fails with the dead rank's status within a minute, is not
+    requeued, and no process of it is left on either node."""
+    job, log = submit(slurm_nodes, tmp_path, "kill-2n", env={"TRAIN_STEPS": "500"})
+    wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
+    victim = trainer_pid(slurm_nodes, job, 1)
+    assert slurm_nodes.node_of(victim) == "node02"
+    assert slurm_nodes.node_of(trainer_pid(slurm_nodes, job, 0)) == "node01"
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    info = slurm_nodes.wait_job(job, timeout=90)
+    elapsed = time.monotonic() - killed_at
+    time.sleep(1)  # let the batch shell finish writing
+    text = read(log)
+    print(f"job {job} ended {info.state} {info.exit_code} {elapsed:.1f}s after the kill")
+    assert info.state == "FAILED" and info.restarts == 0, f"{info.fields}\n{text[-4000:]}"
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to fail after a rank died\n{text[-4000:]}"
+    failed = r"training failed: srun exit status \d+ \(.*exit 137 on rank 1.*\); not requeueing"
+    assert re.search(failed, text), text[-4000:]
+    assert "requeueing job" not in text and "checkpoint saved" not in text
+    deadline = time.monotonic() + 15
+    while (left := [p for r in (0, 1) for p in slurm_nodes.step_processes(job, r)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+    assert slurm_nodes.job(job).restarts == 0 and slurm_nodes.job(job).state == "FAILED"
+
+
+# ----------------------------------------------------------------------------- the fixture itself
+
+def test_cluster_teardown_leaves_nothing(tmp_path):
+    """A cluster torn down by an exception while a job runs on both nodes: its processes, veths,
+    namespaces and bridge are gone. Namespaces and links named after a dead test process are removed."""
+    reason = slurm_available() or netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = MultiNodeCluster(tmp_path / "c", nodes=2)
+    script = tmp_path / "sleep.sbatch"
+    script.write_text("#!/bin/bash\nsrun sleep 300\n")
+    with pytest.raises(RuntimeError, match="test failure"):
+        with cluster:
+            job = cluster.sbatch([str(script)], options=["-N2", "--ntasks-per-node=1", f"--output={tmp_path}/s.out"])
+            cluster.wait_job(job, timeout=30, until=lambda i: i.state == "RUNNING")
+            deadline = time.monotonic() + 30
+            while len(sleepers := [p for p, comm, _ in cluster.step_processes(job, 1) if comm == "sleep"]) < 1:
+                assert time.monotonic() < deadline, "srun sleep did not start on node02"
+                time.sleep(0.3)
+            assert cluster.node_of(sleepers[0]) == "node02"
+            names = {cluster.bridge, *cluster.host_ends.values()}
+            assert names <= set(link_list()) and set(cluster.netns.values()) <= set(netns_list())
+            raise RuntimeError("test failure")
+    assert not names & set(link_list()) and not set(cluster.netns.values()) & set(netns_list())
+    assert not cluster.kill_leftovers() and all(p.poll() is not None for p in cluster.procs.values())
+    assert not any(Path(f"/proc/{pid}").exists() for pid in sleepers)
+
+    # What a killed test process leaves behind: its names carry its (now dead) PID.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ns, bridge = f"periln-{dead.pid}-0-node01", f"pln{dead.pid}k0b"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    removed = remove_stale()
+    assert {ns, bridge} <= set(removed) and ns not in netns_list() and bridge not in link_list()
