@@ -82,7 +82,9 @@ def read_dist_env(environ=None) -> DistEnv:
             launcher="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        # Rank 0 runs on the step's first node, which is the job's only when srun spans the job.
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+                    or "127.0.0.1")
         job_id = int(env.get("SLURM_JOB_ID", 0))
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),

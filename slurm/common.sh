@@ -104,6 +104,7 @@ periln_prepare() {
     : "${REPO:=${SLURM_SUBMIT_DIR:-$PWD}}"
     [ -f "$REPO/slurm/common.sh" ] || periln_die "REPO=$REPO is not the periln-megatron checkout; submit from the repo root or set REPO"
     cd "$REPO" || periln_die "cannot cd to REPO=$REPO"
+    REPO=$PWD   # absolute: it is a container mount and the workdir on every node
 
     : "${RECIPE:?template must set RECIPE}"
     local recipe="$RECIPE"

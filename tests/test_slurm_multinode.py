@@ -108,6 +108,38 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
     assert losses(tmp_path / "ckpt") == torchrun_losses(world, tmp_path_factory)
 
 
+DIST_PROBE = """
+import datetime, socket, torch, torch.distributed as dist
+from periln_megatron.runtime import read_dist_env
+e = read_dist_env()
+dist.init_process_group("gloo", init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
+                        world_size=e.world_size, timeout=datetime.timedelta(seconds=60))
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"probe rank={e.rank} world={e.world_size} local={e.local_rank} master={e.master_addr} "
+      f"host={socket.gethostname()} sum={int(t.item())}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_srun_on_part_of_the_job_meets_on_its_own_first_node(slurm_nodes, tmp_path):
+    """Plain srun without the templates' MASTER_ADDR, on the second node of a two-node job only
+    (`srun -N1 --relative=1`): the trainer's rendezvous host is the step's first node (node02), not the
+    job's (node01, where no rank runs and the others would wait until the timeout)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(DIST_PROBE)
+    script = tmp_path / "probe.sbatch"
+    script.write_text(f"#!/bin/bash\nunset MASTER_ADDR MASTER_PORT\ncd {REPO}\n"
+                      f"srun -N1 -n2 --relative=1 {sys.executable} {probe}\n")
+    log = tmp_path / "probe.out"
+    job = slurm_nodes.sbatch([str(script)], env={"OMP_NUM_THREADS": "1"},
+                             options=["-N2", "--ntasks-per-node=2", f"--output={log}", "--job-name=probe"])
+    info = slurm_nodes.wait_job(job, timeout=120)
+    must(info, log)
+    lines = sorted(ln for ln in read(log).splitlines() if ln.startswith("probe "))
+    assert lines == [f"probe rank={r} world=2 local={r} master=node02 host=node02 sum=2" for r in (0, 1)], read(log)
+
+
 # ----------------------------------------------------------------------------- requeue and failure
 
 def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path_factory):
