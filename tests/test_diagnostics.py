@@ -1,5 +1,6 @@
-"""Diagnostics: per-layer variance / max |activation| / grad norm, invariant under TP, TP+SP, PP (and DP);
-the spike detector; plot_diagnostics on real Peri-LN and Pre-LN runs."""
+"""Diagnostics: per-layer statistics (layer 0 = the embedding output; residual variance, max |activation|
+and where it sits, fp16 headroom, sublayer output RMS, output-norm gains, grad norms), invariant under TP,
+TP+SP, PP (and DP); the spike detector; plot_diagnostics on real Peri-LN and Pre-LN runs."""
 
 import json
 import math
@@ -12,10 +13,11 @@ import pytest
 
 from launch import run, run_torchrun
 
-from periln_megatron.diagnostics import LAYER_KEYS, SpikeDetector
+from periln_megatron.diagnostics import LAYER_DIM_KEYS, LAYER_KEYS, SpikeDetector
 
 TRAIN = ["-m", "periln_megatron.train", "--recipe"]
 NUM_LAYERS = 4  # recipes/tiny
+HIDDEN = 64
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -85,14 +87,39 @@ def tiny_runs(tmp_path_factory):
     return dirs
 
 
-def check_layer_lists(r: dict) -> None:
-    for key in LAYER_KEYS:
-        assert len(r[key]) == NUM_LAYERS and all(isinstance(v, float) and math.isfinite(v) and v > 0
-                                                 for v in r[key]), (key, r[key])
-    # per-layer grads are a subset of all grads (embedding and output layer excluded)
+def positive(values) -> bool:
+    return all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values)
+
+
+def check_layer_lists(r: dict, placement: str = "peri") -> None:
+    """Every per-layer list has layers 0..NUM_LAYERS, with values where they apply and None where not."""
+    for key in (*LAYER_KEYS, *LAYER_DIM_KEYS):
+        assert len(r[key]) == NUM_LAYERS + 1, (key, r[key])
+    for key in ("layer_variance", "layer_max_abs", "layer_max_token_sumsq", "layer_grad_norm"):
+        assert positive(r[key]), (key, r[key])  # layer 0 (the embedding output / embedding grads) included
+    for key in ("attn_out_rms", "mlp_out_rms", "attn_out_max_abs", "mlp_out_max_abs"):
+        assert r[key][0] is None and positive(r[key][1:]), (key, r[key])
+    for key in ("attn_out_gain", "mlp_out_gain"):
+        if placement == "peri":  # gains start at 1; a few small steps move them little
+            assert r[key][0] is None and all(0.9 < g < 1.1 for g in r[key][1:]), (key, r[key])
+        else:  # Pre-LN has no output norms
+            assert r[key] == [None] * (NUM_LAYERS + 1), (key, r[key])
+    if placement == "peri":  # an RMSNorm output with gains ~1 has RMS at most ~1 (below 1 where eps matters)
+        assert all(v < 1.1 for v in r["attn_out_rms"][1:] + r["mlp_out_rms"][1:])
+    # per-layer grads are a subset of all grads (the output layer and final norm excluded)
     assert math.sqrt(sum(g * g for g in r["layer_grad_norm"])) <= r["grad_norm"] * (1 + 1e-6)
-    # a max is at least a standard deviation
-    assert all(m >= math.sqrt(v) for m, v in zip(r["layer_max_abs"], r["layer_variance"]))
+    for var, mx, tok, dim, top, a_rms, m_rms, a_max, m_max in zip(
+            *(r[k] for k in ("layer_variance", "layer_max_abs", "layer_max_token_sumsq", "layer_max_abs_dim",
+                             "layer_top_dims", "attn_out_rms", "mlp_out_rms", "attn_out_max_abs", "mlp_out_max_abs"))):
+        assert mx >= math.sqrt(var)  # a max is at least a standard deviation
+        # the token holding the max has a sum of squares >= max^2; no token has more than hidden * max^2
+        assert mx * mx * (1 - 1e-6) <= tok <= HIDDEN * mx * mx * (1 + 1e-6)
+        assert isinstance(dim, int) and 0 <= dim < HIDDEN
+        dims, shares = [d for d, _ in top], [s for _, s in top]
+        assert len(set(dims)) == 3 and all(0 <= d < HIDDEN for d in dims)
+        assert shares == sorted(shares, reverse=True) and shares[0] >= 1 / HIDDEN and sum(shares) <= 1 + 1e-6
+        if a_rms is not None:
+            assert a_max >= a_rms and m_max >= m_rms
 
 
 def test_measured_steps_are_logged_with_complete_per_layer_lists(tiny_runs):
@@ -102,9 +129,9 @@ def test_measured_steps_are_logged_with_complete_per_layer_lists(tiny_runs):
         check_layer_lists(r)
     # Pre-LN: logging.interval=3 logs step 3 and the last; the measured steps 2 and 4 are logged anyway
     assert sorted(pre) == [2, 3, 4]
-    assert not any(key in pre[3] for key in LAYER_KEYS)
-    check_layer_lists(pre[2])
-    check_layer_lists(pre[4])
+    assert not any(key in pre[3] for key in (*LAYER_KEYS, *LAYER_DIM_KEYS))
+    check_layer_lists(pre[2], "pre")
+    check_layer_lists(pre[4], "pre")
 
 
 LAYOUTS = {
@@ -137,8 +164,12 @@ def layout_records(tiny_runs, tmp_path_factory):
 def test_diagnostics_identical_across_layouts(tiny_runs, layout_records, layout):
     ref, got = records(tiny_runs["peri"])[3], layout_records[layout]
     check_layer_lists(got)
-    for key in LAYER_KEYS:
-        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+    for key in LAYER_KEYS:  # every per-layer figure, layer 0 (the embedding output) included
+        assert got[key] == [v if v is None else pytest.approx(v, rel=1e-5, abs=1e-7) for v in ref[key]], key
+    assert got["layer_max_abs_dim"] == ref["layer_max_abs_dim"]
+    for top_got, top_ref in zip(got["layer_top_dims"], ref["layer_top_dims"]):
+        assert [d for d, _ in top_got] == [d for d, _ in top_ref]
+        assert [s for _, s in top_got] == pytest.approx([s for _, s in top_ref], rel=1e-5, abs=1e-6)
     # the step itself agrees too: the loss, and the global grad norm (gradients reduced over DP and SP)
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
@@ -153,7 +184,8 @@ def test_plot_diagnostics_writes_valid_pngs(tiny_runs, tmp_path):
     out = tmp_path / "plots"
     result = run([sys.executable, "tools/plot_diagnostics.py", str(tiny_runs["peri"]), str(tiny_runs["pre"]),
                   "--out", str(out)], timeout=120)
-    names = {"variance_vs_depth.png", "max_abs_vs_depth.png", "loss.png", "grad_norm.png"}
+    names = {"variance_vs_depth.png", "max_abs_vs_depth.png", "sublayers.png", "fp16_headroom.png", "loss.png",
+             "grad_norm.png"}
     assert {p.name for p in out.iterdir()} == names, result.stdout
     import matplotlib
 
@@ -167,6 +199,44 @@ def test_plot_diagnostics_writes_valid_pngs(tiny_runs, tmp_path):
         assert width > 100 and height > 100, name
         image = mpimg.imread(out / name)
         assert image.shape[:2] == (height, width) and image.std() > 0, name  # decodes, and is not blank
+
+
+def load_plot_tool():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import plot_diagnostics
+    finally:
+        sys.path.pop(0)
+    return plot_diagnostics
+
+
+def test_plots_start_at_layer_0_the_embedding_output(tiny_runs, tmp_path):
+    tool = load_plot_tool()
+    runs = [tool.Run(tiny_runs["peri"]), tool.Run(tiny_runs["pre"])]
+    last = {p: records(tiny_runs[p])[4] for p in ("peri", "pre")}
+    for key in ("layer_variance", "layer_max_abs"):
+        drawn = tool.depth_plot(runs, key, key, key, tmp_path / f"{key}.png", 4)
+        for placement, run in zip(("peri", "pre"), runs):
+            label, xs, ys = [d for d in drawn if d[0] == f"{run.label}, step 4"][0]
+            assert xs == list(range(NUM_LAYERS + 1)) and ys == last[placement][key], (key, label)
+    fp16 = tool.fp16_plot(runs, tmp_path / "fp16.png")
+    assert all(xs[0] == 0 for _, xs, _ in fp16) and len(fp16) == 4
+    grads = tool.grad_plot(runs, tmp_path / "grads.png")
+    per_layer = [(xs, ys) for label, xs, ys in grads if "step 4" in label]
+    assert [xs for xs, _ in per_layer] == [list(range(NUM_LAYERS + 1))] * 2
+    # sublayers start at layer 1: RMS of both models (4 curves), then the gains, Peri-LN's only (2 curves)
+    sub = tool.sublayer_plot(runs, tmp_path / "sub.png")
+    assert [label for label, _, _ in sub] == [f"{run.label} {name}, step 4" for run in (*runs, runs[0])
+                                              for name in ("attention", "MLP")]
+    assert all(xs == list(range(1, NUM_LAYERS + 1)) for _, xs, _ in sub)
+    assert [ys for _, _, ys in sub[4:]] == [last["peri"]["attn_out_gain"][1:], last["peri"]["mlp_out_gain"][1:]]
+    # a run logged before layer 0 existed (num_layers values) is drawn from layer 1
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tiny_runs["pre"] / "recipe.yaml", old / "recipe.yaml")
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 1, "layer_variance": [1.0, 2.0, 3.0, 4.0]}) + "\n")
+    ((_, xs, _),) = tool.depth_plot([tool.Run(old)], "layer_variance", "v", "t", tmp_path / "old.png", 4)
+    assert xs == [1, 2, 3, 4]
 
 
 def test_plot_diagnostics_help_and_errors(tmp_path):
