@@ -204,3 +204,92 @@ def test_te_spec_matches_builder(placement):
     ours.eval(), theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens, position_ids, None), ours(tokens, position_ids, None))
+
+
+# ------------------------------------------------------------------ the documented command line
+
+MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
+
+
+def _documented_cpu_argv() -> list[str]:
+    """The argv after `pretrain_gpt.py` of docs/megatron_lm.md's CPU command."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "megatron_lm.md").read_text()
+    block = re.search(r"<!-- megatron-lm-cpu-command -->\n```bash\n(.*?)```", doc, re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))
+    return argv[argv.index("pretrain_gpt.py") + 1:]
+
+
+def _import_megatron_training(root: str):
+    """Megatron-LM's `megatron.training.arguments` and `gpt_builders` from a checkout, without
+    `megatron/training/__init__.py` (it imports the whole trainer, triton included): the package is
+    registered by path and given the few globals those two modules import from it."""
+    import sys
+    import types
+
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "megatron.training" not in sys.modules:
+        pkg = types.ModuleType("megatron.training")
+        pkg.__path__ = [os.path.join(root, "megatron", "training")]
+        sys.modules["megatron.training"] = pkg
+        import importlib
+
+        global_vars = importlib.import_module("megatron.training.global_vars")
+        for name in dir(global_vars):
+            if name.startswith(("get_", "set_")):
+                setattr(pkg, name, getattr(global_vars, name))
+        pkg.print_rank_0 = importlib.import_module("megatron.training.utils").print_rank_0
+    from megatron.training import arguments
+
+    import gpt_builders
+
+    return arguments, gpt_builders
+
+
+@pytest.mark.skipif(not MEGATRON_LM_DIR, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout "
+                                                "(its megatron/training needs `six`)")
+def test_documented_cpu_command_line(monkeypatch):
+    """docs/megatron_lm.md's CPU command line through Megatron-LM's own parse_args, validate_args,
+    core_transformer_config_from_args and gpt_builder: the model is build_gpt_model's for
+    recipes/tiny/peri_ln.yaml (same parameter names and shapes, same logits from the same weights)."""
+    import sys
+    from pathlib import Path
+
+    from periln_megatron.config import load_recipe
+    from periln_megatron.train import transformer_config_kwargs
+
+    arguments, gpt_builders = _import_megatron_training(MEGATRON_LM_DIR)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *_documented_cpu_argv()])
+    for var, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    args = arguments.parse_args()
+    arguments.validate_args(args, {})
+    assert args.spec == ["periln_megatron.megatron_lm", "peri_local"]
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "peri_ln.yaml", [],
+                         check_environment=False)
+    vocab = recipe.padded_vocab_size()
+    args.padded_vocab_size = vocab  # set by Megatron-LM's tokenizer setup (NullTokenizer 255 + EOD -> 256)
+    runtime.seed_everything(0)
+    theirs = gpt_builders.gpt_builder(args, True, True)
+
+    m = recipe.model
+    config = transformer_config(**transformer_config_kwargs(recipe, cuda=False, have_te=False, have_apex=False))
+    runtime.seed_everything(1)
+    ours = build_gpt_model(config, placement=m.placement, backend=m.backend, embedding_norm=m.embedding_norm,
+                           vocab_size=vocab, max_sequence_length=m.seq_length, rotary_base=m.rotary_base,
+                           share_embeddings_and_output_weights=not m.untie_embeddings)
+    shapes = lambda model: {n: tuple(p.shape) for n, p in model.named_parameters()}  # noqa: E731
+    assert shapes(theirs) == shapes(ours)
+    assert sum(p.numel() for p in theirs.parameters()) == 181_312  # as docs/megatron_lm.md says
+    randomize_norms(ours)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    tokens = torch.randint(0, vocab, (2, m.seq_length), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.arange(m.seq_length).expand(2, m.seq_length)
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens, position_ids, None), ours(tokens, position_ids, None),
+                                   atol=1e-6, rtol=0)
