@@ -2,7 +2,9 @@
 
 ``load_tokenizer(type, path)`` returns a :class:`Tokenizer` with ``vocab_size``, ``eod_id``,
 ``encode``, ``encode_batch`` and ``decode``. Type names are Megatron-LM's ``--tokenizer-type``
-values. Nothing is downloaded: every tokenizer is read from a local file or directory.
+values. Every tokenizer is read from a local file or directory; the one exception is a
+``HuggingFaceTokenizer`` named by its Hugging Face Hub id (``org/name``), which comes from the local
+Hub cache or, failing that, is downloaded by transformers (an offline machine gets a one-line error).
 
 megatron.core.tokenizers (0.16.1) wraps the same libraries one text at a time (no batched
 encode) and needs a metadata JSON beside each model, so it is used only where it adds something:
@@ -13,13 +15,15 @@ Megatron's own TikTokenizer vocabulary format (a ``.json`` list of ranks), whose
 from __future__ import annotations
 
 import base64
+import os
+import re
 from itertools import chain, compress
 from pathlib import Path
 
 import numpy as np
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
-TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "TikTokenizer")
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "TikTokenizer", "GPT2BPETokenizer")
 _EOD_PIECES = ("<|endoftext|>", "<eod>", "<EOD>", "</s>", "<eos>")
 
 
@@ -232,10 +236,14 @@ class SentencePieceTokenizer(Tokenizer):
 
 # --------------------------------------------------------------------------- Hugging Face
 class HuggingFaceTokenizer(Tokenizer):
-    """A local Hugging Face tokenizer directory (or tokenizer.json), as Megatron-LM 0.16's
-    preprocessing uses it: the text's own tokens only, no BOS or other template tokens, unless
-    ``include_special_tokens`` (Megatron-LM's ``--tokenizer-hf-include-special-tokens``) asks for
-    ``tokenizer(text).input_ids``. EOD = ``eos_token_id``, vocab size = ``len(tokenizer)``."""
+    """A Hugging Face tokenizer, as Megatron-LM 0.16's preprocessing uses it: the text's own tokens
+    only, no BOS or other template tokens, unless ``include_special_tokens`` (Megatron-LM's
+    ``--tokenizer-hf-include-special-tokens``) asks for ``tokenizer(text).input_ids``.
+    EOD = ``eos_token_id``, vocab size = ``len(tokenizer)``.
+
+    ``path``: a local directory (or tokenizer.json), or a Hub id (``name`` or ``org/name``) that is
+    not a local path: loaded from the local Hub cache if there, else downloaded by transformers
+    (``HF_HUB_OFFLINE=1`` forbids that). Failure is a ValueError of one line naming the id."""
 
     def __init__(self, path: str, include_special_tokens: bool = False):
         import os
@@ -247,8 +255,10 @@ class HuggingFaceTokenizer(Tokenizer):
         p = Path(path)
         if p.is_file() and p.suffix == ".json":
             self.tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
-        else:
+        elif p.exists():
             self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        else:
+            self.tok = _hub_tokenizer(str(path))
         self.vocab_size = len(self.tok)
         eod = self.tok.eos_token_id
         if eod is None:
@@ -266,6 +276,144 @@ class HuggingFaceTokenizer(Tokenizer):
         if not texts:
             return []
         return self.tok(list(texts), add_special_tokens=self.include_special_tokens)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# --------------------------------------------------------------------------- Hugging Face Hub
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hugging Face Hub repository id (``name`` or ``org/name``) rather than
+    a path: no leading ``/``, ``.`` or ``~``, at most one ``/``, no ``..``."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n")[:1]).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _hub_tokenizer(name: str):
+    """AutoTokenizer for a Hub id: the local Hub cache first (no network), then a download unless
+    offline. Any failure is a one-line ValueError (transformers' retry warnings are silenced)."""
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    where = f"{name}: not a local file or directory"
+    if not is_hub_id(name):
+        raise ValueError(f"{where} (nor a Hugging Face Hub id such as org/name)")
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache (or a broken entry): try the Hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{where}, and Hugging Face Hub tokenizer {name!r} is not in the local cache "
+                         f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: download it where there is "
+                         f"a network, or give a local directory")
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    if not any(os.environ.get(v) for v in _PROXY_VARS):  # no proxy: a host that does not resolve is offline
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as exc:
+            raise ValueError(f"{where}, and Hugging Face Hub tokenizer {name!r} is not in the local cache "
+                             f"({constants.HF_HUB_CACHE}) and {host} cannot be reached (offline? {exc}): "
+                             f"give a local directory") from None
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - one line whatever the Hub or transformers raised
+        raise ValueError(f"{where}, and Hugging Face Hub tokenizer {name!r} could not be loaded: "
+                         f"{_first_line(exc)}") from None
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+# --------------------------------------------------------------------------- GPT-2 BPE
+GPT2_EOD = "<|endoftext|>"
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2's byte-level BPE from a ``vocab.json`` + ``merges.txt`` pair, as Megatron-LM's
+    ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``.
+
+    The text is cut by GPT-2's pattern (``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
+    \\s+(?!\\S)|\\s+``), each piece's UTF-8 bytes mapped to GPT-2's printable characters and merged by
+    rank (the merges file's order). ``merges.txt`` is read as Megatron-LM and Hugging Face read it:
+    its first line (the ``#version`` header, required here) and whatever follows the last newline
+    are skipped. EOD = the id of ``<|endoftext|>`` (required in the vocabulary); vocab size = the
+    number of vocabulary entries. A literal ``<|endoftext|>`` inside a document becomes the EOD id,
+    as in Megatron-LM 0.16's default tokenizer (a Hugging Face GPT-2 tokenizer; its
+    ``--legacy-tokenizer`` would spell it out in ordinary tokens). No BOS is ever added
+    (``include_special_tokens`` is accepted and changes nothing: GPT-2 has no template tokens).
+    ``vocab_file`` may also be a directory holding ``vocab.json`` and ``merges.txt``.
+    Built on the ``tokenizers`` library (Rust): exactly GPT-2's algorithm, batched.
+    """
+
+    def __init__(self, vocab_file: str, merge_file: str | None = None, include_special_tokens: bool = False):
+        import json
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab_path = Path(vocab_file)
+        if vocab_path.is_dir():
+            vocab_path, merge_file = vocab_path / "vocab.json", merge_file or vocab_path / "merges.txt"
+        if merge_file is None:
+            raise ValueError(f"{vocab_file}: GPT2BPETokenizer needs a merges file (--merge-file) beside the vocabulary")
+        merge_path = Path(merge_file)
+        for what, path in (("vocabulary", vocab_path), ("merges file", merge_path)):
+            if not path.is_file():
+                raise ValueError(f"GPT2BPETokenizer: {what} not found: {path}")
+        self.name = f"{vocab_path},{merge_path}"
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{vocab_path}: not a JSON vocabulary ({exc})") from None
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+            raise ValueError(f"{vocab_path}: expected a JSON object of token -> id")
+        if GPT2_EOD not in vocab:
+            raise ValueError(f"{vocab_path}: no {GPT2_EOD} token in the vocabulary (GPT-2's end of document)")
+        lines = merge_path.read_text(encoding="utf-8").split("\n")
+        if not lines[0].startswith("#version"):
+            raise ValueError(f"{merge_path}:1: expected a '#version' header line; Megatron-LM and Hugging Face "
+                             f"skip the first line unread, so without one the first merge would be lost")
+        merges = []
+        for lineno, line in enumerate(lines[1:-1], start=2):
+            pair = tuple(line.split())
+            if len(pair) == 2:
+                merges.append(pair)
+            elif pair:
+                raise ValueError(f"{merge_path}:{lineno}: expected two space-separated tokens, found {line!r}")
+        try:
+            tok = RustTokenizer(models.BPE(vocab, merges))
+        except Exception as exc:  # noqa: BLE001 - e.g. a merge whose tokens are not in the vocabulary
+            raise ValueError(f"{merge_path}: does not fit {vocab_path.name}: {exc}") from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(GPT2_EOD, special=True)])
+        self.tok = tok
+        self.vocab_size = len(vocab)
+        self.eod_id = int(vocab[GPT2_EOD])
+        self.include_special_tokens = include_special_tokens
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -363,6 +511,7 @@ TOKENIZER_LIBRARIES = {
     "HuggingFaceTokenizer": ("tokenizers:Tokenizer", "transformers:AutoTokenizer", "transformers:PreTrainedTokenizerFast"),
     "TikTokenizer": ("tiktoken:Encoding", "tiktoken_ext.openai_public:ENCODING_CONSTRUCTORS",
                      "megatron.core.tokenizers.text.libraries.tiktoken_tokenizer:TikTokenTokenizer"),
+    "GPT2BPETokenizer": ("tokenizers:Tokenizer", "tokenizers.models:BPE", "tokenizers.pre_tokenizers:ByteLevel"),
 }
 _PACKAGE_OF = {"tiktoken_ext": "tiktoken", "megatron": "megatron-core"}
 
@@ -404,18 +553,23 @@ def load_tokenizer(tokenizer_type: str, model_path: str, **kwargs) -> Tokenizer:
     """Load a tokenizer by Megatron-LM type name from a local file or directory.
 
     ``SentencePieceTokenizer`` (also ``GPTSentencePieceTokenizer``, ``Llama2Tokenizer``): a .model file;
-    ``HuggingFaceTokenizer``: a directory (or tokenizer.json); ``TikTokenizer``: a .tiktoken file
-    (or Megatron's .json vocabulary). Raises ValueError naming the path on any problem.
+    ``HuggingFaceTokenizer``: a directory (or tokenizer.json), or a Hub id (see the class);
+    ``TikTokenizer``: a .tiktoken file (or Megatron's .json vocabulary); ``GPT2BPETokenizer``: the
+    vocab.json with ``merge_file=`` merges.txt (or a directory holding both). Raises ValueError
+    naming the path on any problem.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
-    if model_path is None or not Path(model_path).exists():
+    hub = tokenizer_type == "HuggingFaceTokenizer" and model_path is not None and is_hub_id(str(model_path))
+    if model_path is None or not (Path(model_path).exists() or hub):
         raise ValueError(f"{tokenizer_type}: tokenizer model not found: {model_path}")
     try:
         if tokenizer_type in SENTENCEPIECE_TYPES:
             return SentencePieceTokenizer(model_path, **kwargs)
         if tokenizer_type == "HuggingFaceTokenizer":
             return HuggingFaceTokenizer(model_path, **kwargs)
+        if tokenizer_type == "GPT2BPETokenizer":
+            return GPT2BPETokenizer(model_path, **kwargs)
         return TikTokenizer(model_path, **kwargs)
     except ValueError:
         raise

@@ -1,12 +1,29 @@
 #!/usr/bin/env python
 """Tokenize JSONL (or .jsonl.gz) into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx).
 
-A drop-in for Megatron-LM's tools/preprocess_data.py where the flags overlap (--input,
---output-prefix, --json-keys, --workers, --append-eod, --tokenizer-type, --tokenizer-model);
-outputs are named like Megatron-LM's: OUTPUT_PREFIX_{key}_document.{bin,idx}.
+A drop-in for Megatron-LM's tools/preprocess_data.py (core_v0.16.1) where the flags overlap:
+--input, --output-prefix, --json-keys, --workers, --append-eod, --tokenizer-type,
+--tokenizer-model, --vocab-file/--merge-file (GPT2BPETokenizer), --tokenizer-hf-include-special-tokens,
+--split-sentences/--keep-newlines/--lang, --partitions, --keep-sequential-samples. For those the
+.bin/.idx are byte-identical to Megatron-LM's for the same input (tests/test_preprocess_parity.py),
+with one difference by default: a document with no tokens (empty text) is dropped and counted;
+Megatron-LM writes it as a document of no sequences, and so does --keep-empty-documents.
+Outputs are named like Megatron-LM's: OUTPUT_PREFIX_{key}_document.{bin,idx}, or
+OUTPUT_PREFIX_{key}_sentence.{bin,idx} with --split-sentences (one sequence per sentence).
 
   python tools/preprocess_data.py --input data/*.jsonl.gz --output-prefix out/corpus \\
       --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 8
+  python tools/preprocess_data.py --input data.jsonl --output-prefix out/gpt2 --append-eod \\
+      --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt
+
+--split-sentences needs nltk and its punkt model for --lang, installed beforehand (nothing is
+downloaded here: `python -m nltk.downloader punkt_tab`, NLTK_DATA=DIR to choose where); without
+them it stops with one line saying so. Megatron-LM downloads "punkt" itself at start.
+--partitions N gives Megatron-LM's document order (its input lines dealt round-robin into N
+partitions, written partition after partition; --keep-sequential-samples keeps file order); the
+speed comes from --workers alone. Megatron-LM's intermediate files (input_0.jsonl, input_ss.jsonl,
+OUTPUT_PREFIX_0_...) are not made, and one run does it all (Megatron-LM with --split-sentences and
+one partition only writes the split file, and a second run tokenizes it).
 
 The main process reads large blocks of lines and writes contiguous token chunks; worker
 processes parse JSON and tokenize whole blocks at once, returning numpy arrays. Files are written
@@ -45,6 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from periln_megatron.indexed_data import PrefixWriter  # noqa: E402
 from periln_megatron.tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES, load_tokenizer  # noqa: E402
+
+HF_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer")  # take --tokenizer-hf-include-special-tokens
+# Megatron-LM splits a text into sentences this many characters at a time (then joins the lists)
+SPLIT_CHARS = 1_000_000
 
 REASONS = ("malformed JSON", "not a JSON object", "missing key", "not a string")
 MAX_CHUNK_BYTES = 1 << 30
@@ -90,11 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="JSONL files (.jsonl, .json, optionally .gz), directories of them, or glob patterns")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one output per key (default: text)")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="split each text into sentences with nltk's punkt (one sequence per sentence; outputs "
+                        "..._{key}_sentence); needs nltk and the punkt model for --lang installed")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="--split-sentences: keep the whitespace (newlines) after each sentence in it")
+    g.add_argument("--lang", default="english", help="--split-sentences: punkt model language (default: english)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model, Hugging Face tokenizer directory, or .tiktoken BPE file (local)")
-    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    g.add_argument("--tokenizer-model",
+                   help="SentencePiece .model, Hugging Face tokenizer directory or Hub id (org/name), or "
+                        ".tiktoken BPE file; not for GPT2BPETokenizer")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer: GPT-2 vocab.json")
+    g.add_argument("--merge-file", help="GPT2BPETokenizer: GPT-2 merges.txt")
+    g.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                   help="HuggingFaceTokenizer: encode as tokenizer(text).input_ids, with the template's special "
+                        "tokens (a BOS); default: the text's own tokens only (as Megatron-LM)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document token to every document (to its last sentence)")
     g.add_argument("--no-segment-cache", action="store_true",
                    help="SentencePiece: encode whole documents instead of caching per-word ids (same ids, slower)")
     g = p.add_argument_group("output data")
@@ -103,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-separate", action="store_true",
                    help="one prefix per input file (OUTPUT_PREFIX_{file stem}_{key}_document), e.g. for a blend; "
                         "default: all inputs merged into one prefix")
+    g.add_argument("--keep-empty-documents", action="store_true",
+                   help="write a document with no tokens as a document of no sequences, as Megatron-LM does "
+                        "(default: dropped and counted)")
+    g.add_argument("--partitions", type=_int_flag(1), default=1,
+                   help="Megatron-LM's document order for N partitions: input line i goes to partition i mod N "
+                        "and partitions are written in turn (default 1: file order)")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="with --partitions: partitions are contiguous runs of lines, so the file order is kept")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=_int_flag(1), default=os.cpu_count() or 1,
                    help="tokenizer processes (default, and at most: the CPU count)")
@@ -175,11 +217,81 @@ def read_chunks(path: Path, chunk_bytes: int):
 _W: dict = {}
 
 
-def _init_worker(tokenizer_type, tokenizer_model, keys, append_eod, segment_cache, dtype):
+def tokenizer_from_args(args):
+    """The tokenizer the flags name (raises ValueError naming the file or Hub id)."""
+    model, kwargs = args.tokenizer_model, {}
+    if args.tokenizer_type in SENTENCEPIECE_TYPES:
+        kwargs["segment_cache"] = not args.no_segment_cache
+    if args.tokenizer_type in HF_TYPES:
+        kwargs["include_special_tokens"] = args.tokenizer_hf_include_special_tokens
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        model, kwargs["merge_file"] = args.vocab_file, args.merge_file
+    return load_tokenizer(args.tokenizer_type, model, **kwargs)
+
+
+class _CustomLanguageVars:
+    """Megatron-LM's --keep-newlines punkt variables (built lazily: nltk is optional): the period
+    context also takes the word before and the whitespace after a sentence end, so the whitespace
+    (newlines) stays at the end of the sentence instead of being dropped between sentences."""
+
+    _cls = None
+
+    @classmethod
+    def make(cls):
+        if cls._cls is None:
+            from nltk.tokenize.punkt import PunktLanguageVars
+
+            class CustomLanguageVars(PunktLanguageVars):
+                _period_context_fmt = r"""
+        \S*                          # some word material
+        %(SentEndChars)s             # a potential sentence ending
+        \s*                          # the whitespace after it, kept with the sentence
+        (?=(?P<after_tok>
+            %(NonWord)s              # either other punctuation
+            |
+            (?P<next_tok>\S+)        # or the next token (right after that whitespace)
+        ))"""
+
+            cls._cls = CustomLanguageVars
+        return cls._cls()
+
+
+def build_splitter(lang: str, keep_newlines: bool):
+    """nltk's punkt sentence splitter for `lang` as Megatron-LM builds it (``nltk.load`` of
+    ``tokenizers/punkt/{lang}.pickle``, which nltk >= 3.9 serves from its ``punkt_tab`` data); with
+    `keep_newlines` a PunktSentenceTokenizer of the same parameters with `_CustomLanguageVars`.
+    Nothing is downloaded: InputError (one line) when nltk or the model is missing."""
+    try:
+        import nltk
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+    except ImportError:
+        raise InputError("--split-sentences needs nltk (pip install nltk) and its punkt model for "
+                         f"--lang {lang} (python -m nltk.downloader punkt_tab)") from None
+    try:
+        splitter = nltk.load(f"nltk:tokenizers/punkt/{lang}.pickle")
+    except LookupError:
+        raise InputError(f"--split-sentences: nltk's punkt model for --lang {lang} is not installed (searched "
+                         f"{', '.join(nltk.data.path)}); nothing is downloaded here: install it once with "
+                         f"`python -m nltk.downloader punkt_tab` (NLTK_DATA=DIR to choose where)") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--split-sentences: cannot load nltk's punkt model for --lang {lang}: "
+                         f"{' '.join(str(exc).split())}") from None
+    if keep_newlines:
+        return PunktSentenceTokenizer(train_text=splitter._params, lang_vars=_CustomLanguageVars.make())
+    return splitter
+
+
+def split_sentences(splitter, text: str) -> list[str]:
+    """Megatron-LM's sentence split: punkt on each SPLIT_CHARS characters in turn, lists joined."""
+    return [s for i in range(0, len(text), SPLIT_CHARS) for s in splitter.tokenize(text[i:i + SPLIT_CHARS])]
+
+
+def _init_worker(args, dtype):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles interrupts
-    kwargs = {"segment_cache": segment_cache} if tokenizer_type in SENTENCEPIECE_TYPES else {}
-    tok = load_tokenizer(tokenizer_type, tokenizer_model, **kwargs)
-    _W.update(tok=tok, keys=keys, eod=tok.eod_id if append_eod else None, dtype=np.dtype(dtype))
+    tok = tokenizer_from_args(args)
+    splitter = build_splitter(args.lang, args.keep_newlines) if args.split_sentences else None
+    _W.update(tok=tok, keys=args.json_keys, eod=tok.eod_id if args.append_eod else None, dtype=np.dtype(dtype),
+              splitter=splitter)
 
 
 def _parse_fast(lines: list[bytes], keys) -> dict | None:
@@ -196,8 +308,8 @@ def _parse_fast(lines: list[bytes], keys) -> dict | None:
     return None
 
 
-def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list) -> dict:
-    """Line by line, recording (line, reason, message) for each bad one."""
+def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list, good: list) -> dict:
+    """Line by line, recording (line, reason, message) for each bad one and the number of each good one."""
     texts = {k: [] for k in keys}
     for lineno, line in lines:
         try:
@@ -219,6 +331,7 @@ def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list) -> dict:
                 break
             values.append(v)
         else:
+            good.append(lineno)
             for k, v in zip(keys, values):
                 texts[k].append(v)
     return texts
@@ -267,25 +380,47 @@ def encode_texts(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(flats), lengths
 
 
+def encode_documents(tok, texts: list[str], eod: int | None, splitter=None):
+    """Megatron-LM's encoding of documents: each text (or each of its sentences, with a splitter) is
+    one sequence; sequences of no tokens are dropped; `eod` (if not None) ends the last sequence of
+    each document that has one. Returns (all tokens as int32, tokens per sequence, sequences per
+    document); a document of 0 sequences had no tokens."""
+    if splitter is not None:
+        sentences = [split_sentences(splitter, t) for t in texts]
+        counts = np.fromiter(map(len, sentences), np.int64, len(texts))
+        texts = [s for doc in sentences for s in doc]
+    else:
+        counts = np.ones(len(texts), np.int64)
+    flat, lengths = encode_texts(tok, texts) if texts else (np.zeros(0, np.int32), np.zeros(0, np.int64))
+    keep = lengths > 0
+    owner = np.repeat(np.arange(len(counts)), counts)  # document of each sequence
+    counts = np.bincount(owner[keep], minlength=len(counts))
+    lengths = lengths[keep]  # dropped sequences had no tokens: `flat` is unchanged
+    if eod is not None and len(lengths):
+        last = np.cumsum(counts)[counts > 0] - 1  # each document's last sequence
+        flat = np.insert(flat, np.cumsum(lengths)[last], eod)
+        lengths[last] += 1
+    return flat, lengths, counts
+
+
 def encode_block(first_line: int, data: bytes) -> dict:
-    """Parse and tokenize one block of JSONL lines. Returns tokens per key and the bad lines."""
+    """Parse and tokenize one block of JSONL lines. Returns, per key, (tokens, tokens per sequence,
+    sequences per document, documents of no tokens); the line number of each document; the bad lines."""
     keys = _W["keys"]
     numbered = [(n, line) for n, line in enumerate(data.split(b"\n"), start=first_line) if line.strip()]
     blank = data.count(b"\n") + (not data.endswith(b"\n")) - len(numbered)
-    errors = []
+    errors, good = [], []
     texts = _parse_fast([line for _, line in numbered], keys) if numbered else {k: [] for k in keys}
     if texts is None:
-        texts = _parse_slow(numbered, keys, errors)
-    out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}}
+        texts = _parse_slow(numbered, keys, errors, good)
+    else:
+        good = [n for n, _ in numbered]
+    out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}, "lines": np.array(good, np.int64)}
     tok, eod, dtype = _W["tok"], _W["eod"], _W["dtype"]
     for k in keys:
-        flat, lengths = encode_texts(tok, texts[k]) if texts[k] else (np.zeros(0, np.int32), np.zeros(0, np.int64))
-        empty = int(np.count_nonzero(lengths == 0))
-        lengths = lengths[lengths > 0]
-        if eod is not None and len(lengths):
-            flat = np.insert(flat, np.cumsum(lengths), eod)
-            lengths = lengths + 1
-        out["keys"][k] = (flat.astype(dtype), lengths.astype(np.int32), empty)
+        flat, lengths, counts = encode_documents(tok, texts[k], eod, _W.get("splitter"))
+        empty = int(np.count_nonzero(counts == 0))
+        out["keys"][k] = (flat.astype(dtype), lengths.astype(np.int32), counts.astype(np.int32), empty)
     return out
 
 
@@ -332,13 +467,81 @@ def check_writable(flag: str, path: str) -> None:
         raise InputError(f"{flag} {path}: cannot write there: directory {probe} is not writable")
 
 
+def add_sequences(writer: PrefixWriter, tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> None:
+    """Append documents to `writer` as megatron-core's ``add_document`` does, many at once: all their
+    tokens concatenated, the tokens of each sequence, the sequences of each document (0: a document
+    of no sequences)."""
+    if len(counts) == 0:
+        return
+    b = writer.builder
+    b.data_file.write(memoryview(np.ascontiguousarray(tokens, dtype=writer.dtype)))
+    n = len(b.sequence_lengths)
+    b.sequence_lengths.extend(lengths.tolist())
+    b.document_indices.extend((n + np.cumsum(counts, dtype=np.int64)).tolist())
+    writer.num_documents += len(counts)
+    writer.num_tokens += len(tokens)
+
+
+def select_documents(tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray, mask: np.ndarray):
+    """The documents where `mask` is true, as (tokens, tokens per sequence, sequences per document)."""
+    seq_mask = np.repeat(mask, counts)
+    return tokens[np.repeat(seq_mask, lengths)], lengths[seq_mask], counts[mask]
+
+
+class KeyOutput:
+    """One output prefix, written through `partitions` PrefixWriters (partition p: temporary prefix
+    ``PREFIX.partP-PID``) merged in partition order with megatron-core's ``add_index`` at commit,
+    as Megatron-LM merges its partitions. One partition writes PREFIX directly."""
+
+    def __init__(self, prefix: str, vocab_size: int, partitions: int):
+        self.prefix, self.vocab_size = prefix, vocab_size
+        names = [prefix] if partitions == 1 else [f"{prefix}.part{p}-{os.getpid()}" for p in range(partitions)]
+        self.parts: list[PrefixWriter] = []
+        for name in names:
+            self.parts.append(PrefixWriter(name, vocab_size))
+        self.dtype = self.parts[0].dtype
+        self.merged: PrefixWriter | None = None
+
+    def add(self, tokens, lengths, counts, part: int = 0) -> None:
+        add_sequences(self.parts[part], tokens, lengths, counts)
+
+    def commit(self) -> tuple[int, int]:
+        """Finalize (merge), check, rename into place; return (num_documents, num_tokens)."""
+        if len(self.parts) == 1:
+            return self.parts[0].commit()
+        for part in self.parts:
+            part.commit()
+        self.merged = PrefixWriter(self.prefix, self.vocab_size)
+        for part in self.parts:
+            self.merged.builder.add_index(part.prefix)
+        try:
+            return self.merged.commit()
+        finally:
+            self._remove_parts()
+
+    def _remove_parts(self) -> None:
+        for part in self.parts if len(self.parts) > 1 else ():
+            for suffix in (".bin", ".idx"):
+                if os.path.exists(part.prefix + suffix):
+                    os.remove(part.prefix + suffix)
+
+    def abort(self) -> None:
+        for w in [*self.parts, *([self.merged] if self.merged else [])]:
+            w.abort()
+        self._remove_parts()
+
+
 def run(args) -> dict:
     """Preprocess per ``args`` (see build_parser); return the summary dict. Raises InputError."""
     check_writable("--output-prefix", args.output_prefix)
     if args.summary_json:
         check_writable("--summary-json", args.summary_json)
     files = expand_inputs(args.input)
-    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    tok = tokenizer_from_args(args)
+    if args.split_sentences:
+        build_splitter(args.lang, args.keep_newlines)  # fail here, in one line, if nltk or punkt is missing
+    level = "sentence" if args.split_sentences else "document"
+    interleave = args.partitions if args.partitions > 1 and not args.keep_sequential_samples else 1
     if args.keep_separate:
         stems, groups = collections.Counter(input_stem(f) for f in files), []
         for i, f in enumerate(files):
@@ -346,27 +549,27 @@ def run(args) -> dict:
             groups.append((f"{args.output_prefix}_{name}", [f]))
     else:
         groups = [(args.output_prefix, files)]
-    stats = {"files": [str(f) for f in files], "documents": 0, "tokens": 0, "json_bytes": 0, "blank_lines": 0,
-             "empty_documents": 0, "skipped": {r: 0 for r in REASONS}, "outputs": {}}
+    stats = {"files": [str(f) for f in files], "documents": 0, "sequences": 0, "tokens": 0, "json_bytes": 0,
+             "blank_lines": 0, "empty_documents": 0, "skipped": {r: 0 for r in REASONS}, "outputs": {}}
     progress = Progress(sum(f.stat().st_size for f in files), args.quiet, args.log_interval)
     from megatron.core.datasets.indexed_dataset import DType  # before the fork: workers inherit it
 
     dtype = np.dtype(DType.optimal_dtype(tok.vocab_size)).name
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(args.workers, initializer=_init_worker,
-                    initargs=(args.tokenizer_type, args.tokenizer_model, args.json_keys, args.append_eod,
-                              not args.no_segment_cache, dtype))
+    pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(args, dtype))
     writers, shown, raw_done = [], 0, 0
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     start = time.perf_counter()
     progress.start = time.monotonic()
     try:
         for out_prefix, group in groups:
-            prefixes = {k: f"{out_prefix}_{k}_document" for k in args.json_keys}
-            keyed = {k: PrefixWriter(p, tok.vocab_size) for k, p in prefixes.items()}
-            writers.extend(keyed.values())
+            keyed = {}
+            for k in args.json_keys:
+                keyed[k] = KeyOutput(f"{out_prefix}_{k}_{level}", tok.vocab_size, interleave)
+                writers.append(keyed[k])
+            line_offset = 0  # lines of the group's earlier files: documents are numbered across the group
             for f in group:
-                pending, raw_before = collections.deque(), raw_done
+                pending, raw_before, file_lines = collections.deque(), raw_done, 0
                 chunks = read_chunks(f, args.chunk_bytes)
                 exhausted = False
                 while pending or not exhausted:
@@ -375,10 +578,11 @@ def run(args) -> dict:
                         if item is None:
                             exhausted = True
                         else:
-                            pending.append((pool.apply_async(_encode_task, ((item[0], item[1]),)), item[2]))
+                            last = item[0] - 1 + item[1].count(b"\n") + (not item[1].endswith(b"\n"))
+                            pending.append((pool.apply_async(_encode_task, ((item[0], item[1]),)), item[2], last))
                     if not pending:
                         break
-                    job, raw_pos = pending.popleft()
+                    job, raw_pos, file_lines = pending.popleft()
                     res = job.get()
                     for lineno, reason, message in res["errors"]:
                         if args.on_error == "fail":
@@ -387,15 +591,25 @@ def run(args) -> dict:
                         if shown < 20 and not args.quiet:
                             print(f"warning: {f}:{lineno}: {message} (skipped)", file=sys.stderr)
                         shown += 1
-                    for k, (tokens, lengths, empty) in res["keys"].items():
-                        keyed[k].add_documents(tokens, lengths)
-                        stats["documents"] += len(lengths)
+                    part = (line_offset + res["lines"] - 1) % interleave  # each document's partition
+                    for k, (tokens, lengths, counts, empty) in res["keys"].items():
+                        doc_part = part
+                        if empty and not args.keep_empty_documents:  # documents of no tokens: not written
+                            doc_part, counts = part[counts > 0], counts[counts > 0]
+                        if interleave == 1:
+                            keyed[k].add(tokens, lengths, counts)
+                        else:
+                            for p in np.unique(doc_part):
+                                keyed[k].add(*select_documents(tokens, lengths, counts, doc_part == p), part=int(p))
+                        stats["documents"] += len(counts)
+                        stats["sequences"] += len(lengths)
                         stats["tokens"] += len(tokens)
                         stats["empty_documents"] += empty
                     stats["json_bytes"] += res["bytes"]
                     stats["blank_lines"] += res["blank"]
                     raw_done = raw_before + raw_pos
                     progress.update(raw_done, stats["documents"], stats["json_bytes"], stats["tokens"])
+                line_offset += file_lines
             for k, w in keyed.items():
                 docs, toks = w.commit()
                 stats["outputs"][w.prefix] = {"key": k, "documents": docs, "tokens": toks,
@@ -410,6 +624,7 @@ def run(args) -> dict:
         signal.signal(signal.SIGTERM, old_term)
         pool.join()
     stats["seconds"] = time.perf_counter() - start
+    stats["level"], stats["keep_empty_documents"] = level, args.keep_empty_documents
     progress.update(raw_done, stats["documents"], stats["json_bytes"], stats["tokens"], final=True)
     return stats
 
@@ -417,8 +632,11 @@ def run(args) -> dict:
 def print_summary(stats: dict, file=sys.stderr) -> None:
     s = max(stats["seconds"], 1e-9)
     out_bytes = sum(o["bytes"] for o in stats["outputs"].values())
-    print(f"documents: {stats['documents']:,} written, {stats['empty_documents']:,} empty (not written), "
+    empty = "written" if stats.get("keep_empty_documents") else "not written"
+    print(f"documents: {stats['documents']:,} written, {stats['empty_documents']:,} empty ({empty}), "
           f"{stats['blank_lines']:,} blank lines", file=file)
+    if stats.get("level") == "sentence":
+        print(f"sentences: {stats['sequences']:,} (one sequence each)", file=file)
     print(f"tokens: {stats['tokens']:,}; input: {stats['json_bytes'] / 1e6:.2f} MB of JSONL; "
           f"output: {out_bytes / 1e6:.2f} MB of tokens", file=file)
     print(f"time: {s:.2f} s; throughput: {stats['json_bytes'] / s / 1e6:.2f} MB/s of JSONL, "
@@ -435,8 +653,33 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
 
 
+def check_flags(parser: argparse.ArgumentParser, args) -> None:
+    """Tokenizer flags that must go together (parser.error: exit 2); warnings for flags without effect."""
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        if not (args.vocab_file and args.merge_file):
+            parser.error("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+        if args.tokenizer_model:
+            parser.error("--tokenizer-model is not for GPT2BPETokenizer: give --vocab-file and --merge-file")
+    else:
+        if not args.tokenizer_model:
+            parser.error(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
+        for flag in ("vocab_file", "merge_file"):
+            if getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} is only for --tokenizer-type GPT2BPETokenizer")
+    unused = [(args.tokenizer_hf_include_special_tokens and args.tokenizer_type not in HF_TYPES,
+               "--tokenizer-hf-include-special-tokens", f"with {args.tokenizer_type}"),
+              (args.keep_newlines and not args.split_sentences, "--keep-newlines", "without --split-sentences"),
+              (args.keep_sequential_samples and args.partitions == 1, "--keep-sequential-samples",
+               "with one partition (the order is the file order already)")]
+    for is_unused, flag, why in unused:
+        if is_unused:
+            print(f"warning: {flag} has no effect {why}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     cpus = os.cpu_count() or 1
     if args.workers > cpus:
         print(f"warning: --workers {args.workers} is more than the {cpus} CPUs; using {cpus}", file=sys.stderr)
