@@ -394,7 +394,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
         if async_queue is not None and blocking:
             async_queue.maybe_finalize_async_calls(blocking=True)
 
-    metrics = MetricsLog(run_dir, enabled=rank0, tensorboard=recipe.logging.tensorboard, total_steps=t.steps)
+    metrics = MetricsLog(run_dir, enabled=rank0, tensorboard=recipe.logging.tensorboard, total_steps=t.steps,
+                         recipe=recipe, start_step=iteration)
     diagnostics = None
     if recipe.diagnostics.interval:
         from periln_megatron.diagnostics import Diagnostics

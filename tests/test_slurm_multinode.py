@@ -109,11 +109,11 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
 
 
 DIST_PROBE = """
-import datetime, socket, torch, torch.distributed as dist
+import datetime, os, socket, torch, torch.distributed as dist
 from periln_megatron.runtime import read_dist_env
 e = read_dist_env()
 dist.init_process_group("gloo", init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
-                        world_size=e.world_size, timeout=datetime.timedelta(seconds=60))
+                        world_size=e.world_size, timeout=datetime.timedelta(seconds=float(os.environ["PROBE_TIMEOUT"])))
 t = torch.ones(1)
 dist.all_reduce(t)
 print(f"probe rank={e.rank} world={e.world_size} local={e.local_rank} master={e.master_addr} "
@@ -121,23 +121,53 @@ print(f"probe rank={e.rank} world={e.world_size} local={e.local_rank} master={e.
 dist.destroy_process_group()
 """
 
+PROBE_JOB = """#!/bin/bash
+unset MASTER_ADDR MASTER_PORT GLOO_SOCKET_IFNAME
+cd {repo}
+echo "== part of the job"
+PROBE_TIMEOUT=60 srun -N1 -n2 --relative=1 {python} {probe}
+# Debian's /etc/hosts: a node's own name is 127.0.1.1, the others' their addresses.
+debian_hosts() {{
+    srun -N2 -n2 --kill-on-bad-exit=1 unshare --mount -- \\
+        sh -c 'mount --bind "$0.$(hostname)" /etc/hosts && exec timeout 60 "$@"' {hosts} {python} {probe}
+}}
+echo "== loopback hostname, GLOO_SOCKET_IFNAME=eth0"
+PROBE_TIMEOUT=60 GLOO_SOCKET_IFNAME=eth0 debian_hosts
+echo "== loopback hostname"
+PROBE_TIMEOUT=8 debian_hosts
+echo "== exit $?"
+"""
 
-def test_srun_on_part_of_the_job_meets_on_its_own_first_node(slurm_nodes, tmp_path):
-    """Plain srun without the templates' MASTER_ADDR, on the second node of a two-node job only
-    (`srun -N1 --relative=1`): the trainer's rendezvous host is the step's first node (node02), not the
-    job's (node01, where no rank runs and the others would wait until the timeout)."""
+
+def test_rendezvous_between_hosts(slurm_nodes, tmp_path):
+    """torch.distributed between the nodes without the templates (plain srun, no MASTER_ADDR):
+    - srun on the second node of a two-node job only (`srun -N1 --relative=1`): the trainer's
+      rendezvous host is the step's first node (node02), not the job's (node01, where no rank runs
+      and the others would wait until the timeout);
+    - nodes whose own hostname resolves to a loopback address (Debian's 127.0.1.1 line): gloo
+      advertises it, and the ranks cannot connect to each other, until GLOO_SOCKET_IFNAME names the
+      interface between the nodes (what PERILN_SOCKET_IFNAME sets in the templates)."""
     probe = tmp_path / "probe.py"
     probe.write_text(DIST_PROBE)
+    hosts = tmp_path / "hosts"
+    for node in slurm_nodes.nodes:
+        own = f"{slurm_nodes.addr[node]} {node}\n"
+        text = slurm_nodes.hosts_file.read_text()
+        assert own in text
+        Path(f"{hosts}.{node}").write_text(text.replace(own, f"127.0.1.1 {node}\n"))
     script = tmp_path / "probe.sbatch"
-    script.write_text(f"#!/bin/bash\nunset MASTER_ADDR MASTER_PORT\ncd {REPO}\n"
-                      f"srun -N1 -n2 --relative=1 {sys.executable} {probe}\n")
+    script.write_text(PROBE_JOB.format(repo=REPO, python=sys.executable, probe=probe, hosts=hosts))
     log = tmp_path / "probe.out"
     job = slurm_nodes.sbatch([str(script)], env={"OMP_NUM_THREADS": "1"},
                              options=["-N2", "--ntasks-per-node=2", f"--output={log}", "--job-name=probe"])
-    info = slurm_nodes.wait_job(job, timeout=120)
+    info = slurm_nodes.wait_job(job, timeout=180)
     must(info, log)
-    lines = sorted(ln for ln in read(log).splitlines() if ln.startswith("probe "))
-    assert lines == [f"probe rank={r} world=2 local={r} master=node02 host=node02 sum=2" for r in (0, 1)], read(log)
+    part, ifname, loopback = [sorted(ln for ln in section.splitlines() if ln.startswith("probe "))
+                              for section in re.split(r"^== ", read(log), flags=re.M)[1:4]]
+    assert part == [f"probe rank={r} world=2 local={r} master=node02 host=node02 sum=2" for r in (0, 1)], read(log)
+    assert ifname == [f"probe rank={r} world=2 local=0 master=node01 host=node0{r + 1} sum=2" for r in (0, 1)], \
+        read(log)
+    assert not loopback and not read(log).endswith("== exit 0\n"), read(log)
 
 
 # ----------------------------------------------------------------------------- requeue and failure
