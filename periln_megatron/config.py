@@ -7,6 +7,7 @@ base's. Every error names the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import typing
@@ -146,6 +147,13 @@ class LoggingConfig:
     # Dense peak TFLOP/s of one GPU at the recipe's precision, for MFU; None: from the table of known
     # GPUs (periln_megatron/flops.py). Throughput (tokens/s/GPU, TFLOP/s/GPU) is logged either way.
     peak_tflops: float | None = None
+    # Weights & Biases (Megatron-LM's --wandb-project / --wandb-entity / --wandb-exp-name /
+    # --wandb-save-dir), from rank 0 only. On when wandb_project is set (needs `pip install wandb`).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # None: the logged-in user's default entity
+    wandb_name: str | None = None  # the run's display name; None: the recipe's `name`
+    wandb_mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else online
+    wandb_dir: str | None = None  # where wandb writes its wandb/ folder; None: the run dir
 
 
 @dataclass
@@ -344,6 +352,7 @@ CHOICES = {
     "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
     "checkpoint.on_corrupt": ("fail", "previous"),
     "checkpoint.format": ("fully_parallel", "gathered"),
+    "logging.wandb_mode": (None, "online", "offline", "disabled"),
     "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
 }
 
@@ -395,6 +404,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     peak = recipe.logging.peak_tflops
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         fail("logging.peak_tflops", f"must be a positive number of TFLOP/s (or null), got {peak}")
+    _check_wandb(recipe.logging, fail)
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim
@@ -458,6 +468,20 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
         _check_environment(recipe, fail)
 
 
+WANDB_KEYS = ("wandb_project", "wandb_entity", "wandb_name", "wandb_mode", "wandb_dir")
+
+
+def _check_wandb(log: LoggingConfig, fail) -> None:
+    for key in WANDB_KEYS:
+        value = getattr(log, key)
+        if isinstance(value, str) and not value.strip():
+            fail(f"logging.{key}", "is an empty string: give a value or leave it out (null)")
+    if log.wandb_project is None:
+        for key in WANDB_KEYS[1:]:
+            if getattr(log, key) is not None:
+                fail(f"logging.{key}", "is set but logging.wandb_project is not: W&B logging is on only with a project")
+
+
 def _check_environment(recipe: Recipe, fail) -> None:
     """What depends on this machine: Transformer Engine, a GPU, files."""
     import torch
@@ -472,3 +496,7 @@ def _check_environment(recipe: Recipe, fail) -> None:
         fail("checkpoint.async_save", "needs a GPU")
     if recipe.checkpoint.load and not Path(recipe.checkpoint.load).exists():
         fail("checkpoint.load", f"not found: {recipe.checkpoint.load}")
+    log = recipe.logging
+    if log.wandb_project and log.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        fail("logging.wandb_project", "is set but wandb is not installed here: pip install wandb "
+             "(or leave logging.wandb_project out to train without W&B)")

@@ -1,28 +1,181 @@
-"""Where a step's numbers go: one stdout line, metrics.jsonl in the run dir, TensorBoard if installed."""
+"""Where a step's numbers go: one stdout line, and from rank 0 one sink per backend:
+
+    metrics.jsonl   always: one JSON object per logged step in the run dir (the record as it is)
+    TensorBoard     logging.tensorboard (default on): <run dir>/tensorboard
+    W&B             logging.wandb_project set: a Weights & Biases run with the recipe as its config
+
+TensorBoard and W&B are optional and imported only when enabled; an enabled one that is not
+installed is one line (TensorBoard: a warning, training goes on; W&B: the recipe check refuses it
+before training, config.py).
+
+Both get the same scalars, named alike: every number of the record under its own key (`loss`,
+`lr`, `grad_norm`, `valid_loss`, ...), and the per-layer diagnostics (lists indexed by layer) as
+one key per layer, `layer_variance/layer_00`, `layer_variance/layer_01`, ... W&B groups keys by the
+part before the `/`, so each diagnostic gets a section holding one ordinary line per layer over
+training steps: overlaid across runs (Peri-LN vs Pre-LN) like any metric, filtered by regex, and
+the same tags TensorBoard shows. At the end W&B also gets, per diagnostic, one chart over depth
+(`depth/<name>`: x = layer, one line per measured step, up to DEPTH_PROFILE_STEPS of them evenly
+spread, the last included): the paper's "variance over layers" picture; wandb.plot.line_series
+holds a snapshot table, so it is drawn once rather than re-logged every measured step.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import string
+import sys
 from pathlib import Path
 
 STDOUT_KEYS = (("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad_norm {:.3f}"),
                ("tokens_per_s", "tok/s {:.0f}"), ("ms_per_step", "ms/step {:.0f}"), ("mfu", "mfu {:.1%}"),
                ("valid_loss", "valid_loss {:.4f}"), ("final_valid_loss", "final valid_loss {:.4f}"))
 
+DEPTH_PROFILE_STEPS = 8  # lines per W&B depth chart
+WANDB_RUN_ID_FILE = "periln_run_id"  # in <wandb dir>/wandb/: a resumed run continues the same W&B run
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def layer_series(record: dict) -> dict[str, list]:
+    """The per-layer lists of a record (the diagnostics' layer_variance, layer_max_abs, ...): lists of
+    numbers, None where a layer has no value (e.g. no sublayer at index 0, the embedding output).
+    Lists of lists (layer_top_dims) are not series and stay in metrics.jsonl only."""
+    return {k: v for k, v in record.items() if isinstance(v, list) and any(_number(x) for x in v)
+            and all(_number(x) or x is None for x in v)}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers as flat scalar names: `key`, and `key/layer_NN` for per-layer lists (the
+    list index: diagnostics' layer 0 is the embedding output)."""
+    out = {k: v for k, v in record.items() if _number(v) and k != "step"}
+    for key, values in layer_series(record).items():
+        out.update({f"{key}/layer_{i:02d}": v for i, v in enumerate(values) if v is not None})
+    return out
+
+
+def _warn(message: str) -> None:
+    print(f"periln-train: warning: {message}", file=sys.stderr, flush=True)
+
+
+class JsonlSink:
+    def __init__(self, run_dir: Path):
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # ImportError without the tensorboard package
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """One W&B run per run dir: its id is kept in <dir>/wandb/periln_run_id, and a run that resumes
+    from a checkpoint (start_step > 0) continues that W&B run (resume="allow"); a fresh start gets a
+    new one. `step` is the training iteration (W&B's x axis), as Megatron-LM logs it."""
+
+    def __init__(self, recipe, run_dir: Path, start_step: int = 0):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install wandb") from None
+        self.wandb = wandb
+        log = recipe.logging
+        root = Path(log.wandb_dir or run_dir)
+        (root / "wandb").mkdir(parents=True, exist_ok=True)
+        id_file = root / "wandb" / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else ""
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb's
+            id_file.write_text(run_id + "\n")
+        kwargs = dict(project=log.wandb_project, entity=log.wandb_entity, name=log.wandb_name or recipe.name,
+                      dir=str(root), config=recipe.to_dict(), id=run_id, resume="allow")
+        if log.wandb_mode:  # else wandb's own default: $WANDB_MODE, then online
+            kwargs["mode"] = log.wandb_mode
+        try:
+            self.run = wandb.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - e.g. online without an API key
+            mode = log.wandb_mode or os.environ.get("WANDB_MODE", "online")
+            raise RuntimeError(f"logging.wandb_project={log.wandb_project}: wandb.init ({mode}) failed: "
+                               f"{' '.join(str(e).split())} (to log without a connection: logging.wandb_mode: "
+                               "offline, then `wandb sync`)") from e
+        self.profiles: dict[str, list[tuple[int, list[float]]]] = {}
+        self.last_step = start_step
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        self.last_step = max(self.last_step, step)
+        for key, values in layer_series(record).items():
+            self.profiles.setdefault(key, []).append((step, list(values)))
+        values = scalars(record)
+        if values:
+            self.run.log(values, step=step)
+
+    def depth_charts(self) -> dict:
+        charts = {}
+        for key, measured in self.profiles.items():
+            n = len(measured)
+            picks = sorted({round(i * (n - 1) / (DEPTH_PROFILE_STEPS - 1)) for i in range(DEPTH_PROFILE_STEPS)}) \
+                if n > DEPTH_PROFILE_STEPS else range(n)
+            chosen = [measured[i] for i in picks]
+            points = [[(i, x) for i, x in enumerate(v) if x is not None] for _, v in chosen]
+            charts[f"depth/{key}"] = self.wandb.plot.line_series(
+                xs=[[i for i, _ in p] for p in points], ys=[[x for _, x in p] for p in points],
+                keys=[f"step {s}" for s, _ in chosen], title=f"{key} over depth", xname="layer")
+        return charts
+
+    def close(self) -> None:
+        try:
+            charts = self.depth_charts()
+            if charts:
+                self.run.log(charts, step=self.last_step)
+        finally:
+            self.run.finish()
+
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, total_steps: int | None = None):
+    """`enabled` only on rank 0: other ranks construct it and log nothing. `recipe` (optional) turns on
+    W&B when recipe.logging.wandb_project is set; `start_step`: the iteration the run starts from (> 0
+    when resumed from a checkpoint)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, total_steps: int | None = None,
+                 recipe=None, start_step: int = 0):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
-        self.writer = None
-        if enabled and tensorboard:
+        self.sinks: list = []
+        if not enabled:
+            return
+        self.sinks.append(JsonlSink(run_dir))
+        if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                pass
+                self.sinks.append(TensorBoardSink(run_dir))
+            except ImportError:
+                _warn("logging.tensorboard is true but tensorboard is not installed (pip install tensorboard); "
+                      "metrics go to metrics.jsonl only")
+        if recipe is not None and recipe.logging.wandb_project:
+            try:
+                self.sinks.append(WandbSink(recipe, run_dir, start_step))
+            except BaseException:
+                self.close()
+                raise
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -35,18 +188,15 @@ class MetricsLog:
         if record.get("spike"):
             parts.append(f"SPIKE: {record['spike']}")
         print(" | ".join(parts), flush=True)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(key, value, step)
-                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-                    for i, v in enumerate(value):
-                        self.writer.add_scalar(f"{key}/layer_{i:02d}", v, step)
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        """Close every sink; one that fails is a warning (close runs in the trainer's `finally`, where
+        raising would hide the error that ended training)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001
+                _warn(f"closing {type(sink).__name__} failed: {' '.join(str(e).split())}")
