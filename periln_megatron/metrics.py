@@ -63,7 +63,14 @@ def _warn(message: str) -> None:
 
 class JsonlSink:
     def __init__(self, run_dir: Path):
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(path, "a+b")
+        if self.file.tell():  # a killed run may have cut its last line: start a new one, never glue onto it
+            self.file.seek(-1, 2)
+            if self.file.read(1) != b"\n":
+                self.file.write(b"\n")
+        self.file.close()
+        self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -397,6 +397,112 @@ def test_plot_still_refuses_corruption_in_the_middle(trained, tmp_path):
     assert f"{metrics}:2: invalid JSON" in _one_line_error(r, "plot_diagnostics: error:")
 
 
+# ------------------------------------------------------------- damaged or foreign checkpoints (trainer)
+
+TINY_TRAIN = [PY, "-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
+              "logging.tensorboard=false", "checkpoint.interval=2"]
+
+
+def _copy_run(trained: Path, tmp_path: Path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    return ckpt
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated-distcp": lambda it: _truncate(next(it.glob("*.distcp"))),
+    "truncated-common": lambda it: _truncate(it / "common.pt"),
+    "missing-metadata": lambda it: (it / ".metadata").unlink(),
+    "marker-names-missing-iteration": lambda it: shutil.rmtree(it),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_is_one_line_naming_file_and_iteration(trained, tmp_path, damage):
+    """A damaged newest checkpoint stops the trainer before it writes anything: one line naming the
+    file and iteration, and the intact iteration that checkpoint.on_corrupt=previous would use."""
+    ckpt = _copy_run(trained, tmp_path)
+    DAMAGE[damage](ckpt / "iter_0000004")
+    before = _snapshot(ckpt)
+    result = run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=6"], check=False, timeout=120)
+    assert result.returncode == 2
+    line = _one_line_error(result, "periln-train: error:")
+    assert "iteration 4" in line and "iteration 2 is intact" in line and "on_corrupt=previous" in line, line
+    assert str(ckpt / "iter_0000004") in line, line
+    assert _snapshot(ckpt) == before
+
+
+def test_on_corrupt_previous_resumes_from_the_newest_intact_iteration(trained, tmp_path):
+    """checkpoint.on_corrupt=previous falls back to the newest intact iteration and says so."""
+    ckpt = _copy_run(trained, tmp_path)
+    _truncate(next((ckpt / "iter_0000004").glob("*.distcp")))
+    result = run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5", "checkpoint.on_corrupt=previous"],
+                 timeout=240)
+    assert "iteration 4 is damaged" in result.stdout and "resuming from iteration 2" in result.stdout
+    assert "resumed from iteration 2" in result.stdout
+    steps = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-3:] == [3, 4, 5]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+
+
+def test_inspect_checkpoint_verifies_every_iteration(trained, tmp_path):
+    """tools/inspect_checkpoint.py checks every iteration without training: exit 1 naming the damage."""
+    ckpt = _copy_run(trained, tmp_path)
+    ok = run([PY, "tools/inspect_checkpoint.py", str(ckpt)], timeout=60)
+    assert "iter_0000002  ok  resumable" in ok.stdout and "iter_0000004  ok  resumable" in ok.stdout
+    _truncate(next((ckpt / "iter_0000004").glob("*.distcp")))
+    bad = run([PY, "tools/inspect_checkpoint.py", str(ckpt)], check=False, timeout=60)
+    assert bad.returncode == 1
+    assert "iter_0000004  DAMAGED" in bad.stdout and "truncated" in bad.stdout
+    assert "resume (checkpoint.on_corrupt=previous): iteration 2" in bad.stdout
+
+
+def test_resume_into_a_different_model_shape_is_refused_untouched(trained, tmp_path):
+    """Resuming with another model shape names the differing keys in one line and changes nothing."""
+    ckpt = _copy_run(trained, tmp_path)
+    before = _snapshot(ckpt)
+    result = run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=6", "model.num_layers=2",
+                  "model.hidden_size=32"], check=False, timeout=120)
+    assert result.returncode == 2
+    line = _one_line_error(result, "periln-train: error:")
+    assert "model.num_layers: 4 -> 2" in line and "model.hidden_size: 64 -> 32" in line, line
+    assert _snapshot(ckpt) == before
+
+
+def test_resume_after_convert_from_hf_starts_a_fresh_optimizer(hf_model, tmp_path):
+    """A convert_from_hf.py directory used as checkpoint.dir trains from its weights at iteration 0."""
+    converted = tmp_path / "converted"
+    assert _convert(hf_model, converted, "--recipe-out", str(tmp_path / "recipe.yaml")).returncode == 0
+    result = run([PY, "-m", "periln_megatron.train", "--recipe", str(tmp_path / "recipe.yaml"), "--set",
+                  f"checkpoint.dir={converted}", "data.synthetic=true", "tokenizer.type=null", "tokenizer.model=null",
+                  "tokenizer.vocab_size=null", "model.vocab_size=256", "train.steps=2", "optim.warmup_steps=0",
+                  "logging.tensorboard=false", "checkpoint.load=null"], timeout=240)
+    assert f"initial weights from {converted / 'iter_0000000'} (fresh optimizer state, iteration 0)" in result.stdout
+    assert (converted / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path):
+    """A prefix made with a bigger tokenizer fails before training, naming the prefix (no IndexError)."""
+    import numpy as np
+
+    from periln_megatron.indexed_data import PrefixWriter
+
+    writer = PrefixWriter(tmp_path / "big_vocab", vocab_size=1000)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        writer.add_documents(rng.integers(0, 1000, 500).astype(np.int32), np.array([500]))
+    writer.commit()
+    result = run([*TINY_TRAIN, f"checkpoint.dir={tmp_path / 'ckpt'}", "data.synthetic=false",
+                  f"data.prefixes=[{tmp_path / 'big_vocab'}]", "data.split=90,10,0"], check=False, timeout=120)
+    assert result.returncode == 2
+    line = _one_line_error(result, "periln-train: error:")
+    assert str(tmp_path / "big_vocab") in line and ">= the vocabulary size 256" in line, line
+
+
 # ------------------------------------------- one run per directory, Ctrl-C, torchrun's exit, free port
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -447,6 +553,7 @@ def test_single_process_run_does_not_need_port_29500(tmp_path):
         proc = _spawn([*TRAIN_MODULE, "--set", "train.steps=3", f"checkpoint.dir={tmp_path / 'ckpt'}"], log)
         assert wait_all([proc], timeout=240) == [0], log.read_text()[-3000:]
     assert "1 ranks (single)" in log.read_text()
+
 
 @pytest.mark.parametrize("key,lock", [("checkpoint.dir", "flock"), ("logging.run_dir", "lease")])
 def test_second_trainer_on_a_busy_directory_exits_2_naming_the_holder(tmp_path, key, lock):
@@ -502,6 +609,7 @@ def test_a_killed_holder_does_not_block_the_next_run(tmp_path, lock):
     assert f"resumed from iteration {saved}" in log.read_text() and _marker(d) == saved + 2
     assert _train_steps(d)[-2:] == [saved + 1, saved + 2]
     assert lock_file.exists() == (lock == "flock")  # a lease is removed on a clean exit
+
 
 def test_launch_sigterm_to_the_launcher_saves_and_exits_75(tmp_path):
     """Under periln-launch (torchrun's arguments), SIGTERM to the launcher makes every rank save and the launcher exit 75 (requeue), where bare torchrun exits 1."""
@@ -561,3 +669,49 @@ def test_ctrl_c_twice_exits_at_once_without_saving(tmp_path):
     assert "second SIGINT" in text and "saved checkpoint" not in text, text[-3000:]
     assert not (d / "latest_checkpointed_iteration.txt").exists()
 
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (a disk that fills up), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (make test runs as root in CI)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess_run = __import__("subprocess").run
+    if subprocess_run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("this kernel refuses tmpfs mounts here")
+    yield disk
+    subprocess_run(["umount", "-l", str(disk)])
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_disk, tmp_path):
+    """A save that fills the disk fails in one line naming the file; the marker still names the last good one."""
+    result = run([*TINY_TRAIN, f"checkpoint.dir={tiny_disk}", "train.steps=4", "checkpoint.interval=2",
+                  "checkpoint.keep=5", f"logging.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"],
+                 check=False, timeout=180)
+    assert result.returncode == 2, result.stdout[-3000:]
+    line = _one_line_error(result, "periln-train: error:")
+    assert str(tiny_disk) in line and "No space left on device" in line, line
+    marker = tiny_disk / "latest_checkpointed_iteration.txt"
+    assert not marker.exists() or marker.read_text().strip() in ("2",)
+
+
+def test_disk_full_in_the_data_cache_is_one_line(tiny_disk, tmp_path):
+    """A data cache that cannot be written is one line naming the file, not "MockGPTDataset failed to build"."""
+    (tiny_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 8192))
+    result = run([*TINY_TRAIN, f"checkpoint.dir={tmp_path / 'ckpt'}", "train.steps=200",
+                  f"data.cache_dir={tiny_disk / 'cache'}"], check=False, timeout=180)
+    assert result.returncode == 2, result.stdout[-3000:]
+    line = _one_line_error(result, "periln-train: error:")
+    assert str(tiny_disk / "cache") in line and "No space left on device" in line, line
+
+
+def test_a_resumed_run_starts_a_new_metrics_line_after_a_killed_runs_cut_line(trained, tmp_path):
+    """The trainer never appends a record onto a killed run's cut last line of metrics.jsonl."""
+    ckpt = _copy_run(trained, tmp_path)
+    metrics = ckpt / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 5, "lo')  # killed mid-write
+    run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5"], timeout=240)
+    lines = metrics.read_text().splitlines()
+    assert lines[-2] == '{"step": 5, "lo'
+    assert json.loads(lines[-1])["step"] == 5
