@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 from periln_megatron.config import RecipeError, load_recipe
@@ -71,9 +73,29 @@ def _train_main(argv: list[str] | None) -> int:
         if str(e):
             print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:  # noqa: BLE001 - a full disk or a read-only path deserves one line, not a traceback
+        storage = _storage_error(e)
+        if storage is None or os.environ.get("PERILN_DEBUG"):
+            raise
+        print(f"periln-train: error: {storage.filename or 'a file'}: {storage.strerror} "
+              f"({type(e).__name__ if e is not storage else 'writing'}; PERILN_DEBUG=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 2
     finally:
         runtime.shutdown()
         run_lock.release_all()
+
+
+def _storage_error(error: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission OSError behind `error` (megatron-core re-raises them as
+    a bare Exception, e.g. "Failed to write dataset materials to the data cache directory")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _human(n: int) -> str:
