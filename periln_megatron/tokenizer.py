@@ -23,7 +23,12 @@ from pathlib import Path
 import numpy as np
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
-TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "TikTokenizer", "GPT2BPETokenizer")
+# the types a recipe can name (the container build checks their libraries: TOKENIZER_LIBRARIES)
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "TikTokenizer")
+# types only tools/preprocess_data.py takes (GPT-2's two files do not fit a recipe's tokenizer.model);
+# their libraries are among TOKENIZER_LIBRARIES' (GPT2BPETokenizer: tokenizers, as HuggingFaceTokenizer)
+PREPROCESS_ONLY_TYPES = ("GPT2BPETokenizer",)
+LOADABLE_TYPES = TOKENIZER_TYPES + PREPROCESS_ONLY_TYPES
 _EOD_PIECES = ("<|endoftext|>", "<eod>", "<EOD>", "</s>", "<eos>")
 
 
@@ -511,7 +516,6 @@ TOKENIZER_LIBRARIES = {
     "HuggingFaceTokenizer": ("tokenizers:Tokenizer", "transformers:AutoTokenizer", "transformers:PreTrainedTokenizerFast"),
     "TikTokenizer": ("tiktoken:Encoding", "tiktoken_ext.openai_public:ENCODING_CONSTRUCTORS",
                      "megatron.core.tokenizers.text.libraries.tiktoken_tokenizer:TikTokenTokenizer"),
-    "GPT2BPETokenizer": ("tokenizers:Tokenizer", "tokenizers.models:BPE", "tokenizers.pre_tokenizers:ByteLevel"),
 }
 _PACKAGE_OF = {"tiktoken_ext": "tiktoken", "megatron": "megatron-core"}
 
@@ -558,8 +562,8 @@ def load_tokenizer(tokenizer_type: str, model_path: str, **kwargs) -> Tokenizer:
     vocab.json with ``merge_file=`` merges.txt (or a directory holding both). Raises ValueError
     naming the path on any problem.
     """
-    if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type not in LOADABLE_TYPES:
+        raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(LOADABLE_TYPES)}")
     hub = tokenizer_type == "HuggingFaceTokenizer" and model_path is not None and is_hub_id(str(model_path))
     if model_path is None or not (Path(model_path).exists() or hub):
         raise ValueError(f"{tokenizer_type}: tokenizer model not found: {model_path}")

@@ -61,7 +61,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from periln_megatron.indexed_data import PrefixWriter  # noqa: E402
-from periln_megatron.tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES, load_tokenizer  # noqa: E402
+from periln_megatron.tokenizer import LOADABLE_TYPES, SENTENCEPIECE_TYPES, load_tokenizer  # noqa: E402
 
 HF_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer")  # take --tokenizer-hf-include-special-tokens
 # Megatron-LM splits a text into sentences this many characters at a time (then joins the lists)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--split-sentences: keep the whitespace (newlines) after each sentence in it")
     g.add_argument("--lang", default="english", help="--split-sentences: punkt model language (default: english)")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-type", required=True, choices=LOADABLE_TYPES)
     g.add_argument("--tokenizer-model",
                    help="SentencePiece .model, Hugging Face tokenizer directory or Hub id (org/name), or "
                         ".tiktoken BPE file; not for GPT2BPETokenizer")
