@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-empty-documents", action="store_true",
                    help="write a document with no tokens as a document of no sequences, as Megatron-LM does "
                         "(default: dropped and counted)")
-    g.add_argument("--partitions", type=_int_flag(1), default=1,
+    g.add_argument("--partitions", type=_int_flag(1), default=1, metavar="N",
                    help="Megatron-LM's document order for N partitions: input line i goes to partition i mod N "
                         "and partitions are written in turn (default 1: file order)")
     g.add_argument("--keep-sequential-samples", action="store_true",
