@@ -105,20 +105,33 @@ def _human(n: int) -> str:
 def params_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="periln-params", description="Parameter counts of recipes (total, non-embedding), and the check "
-        "that a recipe's `nominal_size` is within 10%% of its total. Exits 1 if one is not.")
+        "that a recipe's `nominal_size` is within 10%% of its total. Exits 1 if one is not. With --memory, the "
+        "estimated per-GPU memory at the recipe's layout (periln_megatron/memory.py).")
     parser.add_argument("recipes", nargs="+", help="recipe YAML files")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="one JSON object per recipe")
+    parser.add_argument("--memory", action="store_true",
+                        help="also estimate the memory of one GPU of each pipeline stage: weights, gradients, "
+                             "optimizer shard, activations at the micro batch and recompute, logits")
+    parser.add_argument("--gpus", type=_positive_int, default=8, metavar="N",
+                        help="GPUs of the job, for the data-parallel size (default 8: one node)")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="the implementation to estimate: gpu = the image's TE/apex fusions (default); "
+                             "cpu = these CPU runs, unfused")
+    parser.add_argument("--gpu-gib", type=float, default=79.6, metavar="GIB",
+                        help="memory of one GPU, for the percentage (default 79.6: an H100 80GB)")
     args = parser.parse_args(argv)
 
+    from periln_megatron.memory import estimate, format_estimate
     from periln_megatron.param_count import count_parameters
 
     status = 0
     for path in args.recipes:
         try:
-            recipe = load_recipe(path, args.overrides, check_environment=False)
+            recipe = load_recipe(path, args.overrides, check_environment=False,
+                                 world_size=args.gpus if args.memory else None)
         except RecipeError as e:
-            print(f"periln-params: error: {e}", file=sys.stderr)
+            print(f"periln-params: error: {e}" + (f" (on --gpus {args.gpus})" if args.memory else ""), file=sys.stderr)
             status = 2
             continue
         counts = count_parameters(recipe)
@@ -128,6 +141,15 @@ def params_main(argv: list[str] | None = None) -> int:
             counts["deviation"] = counts["total"] / recipe.nominal_params() - 1
             if abs(counts["deviation"]) > 0.10:
                 status = max(status, 1)
+        memory = None
+        if args.memory:
+            try:
+                memory = estimate(recipe, args.gpus, device=args.device)
+            except ValueError as e:
+                print(f"periln-params: error: {path}: --gpus {args.gpus}: {e}", file=sys.stderr)
+                status = 2
+                continue
+            counts["memory"] = memory.to_dict()
         if args.json:
             print(json.dumps(counts))
         else:
@@ -136,4 +158,16 @@ def params_main(argv: list[str] | None = None) -> int:
             if "nominal" in counts:
                 line += f", nominal {counts['nominal']} ({counts['deviation']:+.1%})"
             print(line)
+            if memory is not None:
+                print(format_estimate(path, recipe, memory, args.gpu_gib))
     return status
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -436,6 +436,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
                       "tokens_per_s": tokens_per_step / elapsed, "ms_per_step": 1000 * elapsed,
                       "skipped": not updated}
             record.update(flops.throughput(flops_per_token, tokens_per_step, elapsed, env.world_size, peak))
+            if torch.cuda.is_available():  # this rank's peak, for periln-params --memory (tools/gpu_smoke.py)
+                record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if diagnostics is not None:  # spike check every step (scalars); per-layer stats on measured steps
                 record.update(diagnostics.observe(loss, grad_norm if updated else None))
             if measure:

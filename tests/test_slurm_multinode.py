@@ -27,7 +27,8 @@ from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unava
 from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)
 from test_slurm import TEMPLATE, TINY, read, steps, trainer_pid, wait_for_log, wait_through_requeue
 
-STEPS = 16
+STEPS = 20          # 2 ranks: enough steps for USR1 to arrive mid-run
+STEPS_4 = 6         # 4 ranks on this machine's 2 cores: fewer
 SETS = "parallel.tp=2 checkpoint.interval=1000"
 RANK_LINE = re.compile(r"^\[periln-slurm [^]]+\] rank (\d+)/(\d+) \(local (\d+)\) on (\S+), master (\S+)$", re.M)
 
@@ -62,19 +63,19 @@ def rank_lines(text: str) -> dict[int, tuple[int, int, str, str]]:
     return {int(r): (int(n), int(local), host, master) for r, n, local, host, master in RANK_LINE.findall(text)}
 
 
-_references: dict[int, dict[int, float]] = {}
+_references: dict[tuple[int, int], dict[int, float]] = {}
 
 
-def torchrun_losses(nproc: int, tmp_factory) -> dict[int, float]:
-    """Losses of the same recipe and layout run by torchrun on one host (loopback), once per size."""
-    if nproc not in _references:
+def torchrun_losses(nproc: int, steps_: int, tmp_factory) -> dict[int, float]:
+    """Losses of the same recipe and layout run by torchrun on one host (loopback), computed once."""
+    if (nproc, steps_) not in _references:
         ckpt = tmp_factory.mktemp(f"torchrun{nproc}")
         run_torchrun(nproc, ["-m", "periln_megatron.train", "--recipe", str(REPO / TINY),
-                             "--set", f"checkpoint.dir={ckpt}", "--set", f"train.steps={STEPS}",
-                             *[a for s in SETS.split() for a in ("--set", s)]], timeout=240)
-        _references[nproc] = losses(ckpt)
-        assert sorted(_references[nproc]) == list(range(1, STEPS + 1))
-    return _references[nproc]
+                             "--set", f"checkpoint.dir={ckpt}", "--set", f"train.steps={steps_}",
+                             *[a for s in SETS.split() for a in ("--set", s)]], timeout=300)
+        _references[nproc, steps_] = losses(ckpt)
+        assert sorted(_references[nproc, steps_]) == list(range(1, steps_ + 1))
+    return _references[nproc, steps_]
 
 
 # ----------------------------------------------------------------------------- training across nodes
@@ -86,10 +87,11 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
     the first node, and every loss equals torchrun's on one host. The 4-rank job also names the
     socket interface (PERILN_SOCKET_IFNAME) and is submitted from a shell that ran torchrun before
     (MASTER_ADDR of another node, RANK/WORLD_SIZE/LOCAL_RANK of a world of one): the job ignores those."""
-    env = {}
+    env, total = {}, STEPS
     if per_node == 2:
-        env = {"PERILN_SOCKET_IFNAME": "eth0", "MASTER_ADDR": "node02", "RANK": "0", "WORLD_SIZE": "1",
-               "LOCAL_RANK": "0"}
+        total = STEPS_4
+        env = {"TRAIN_STEPS": str(total), "PERILN_SOCKET_IFNAME": "eth0", "MASTER_ADDR": "node02", "RANK": "0",
+               "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     job, log = submit(slurm_nodes, tmp_path, f"two-nodes-{per_node}", per_node, env)
     info = slurm_nodes.wait_job(job, timeout=240)
     must(info, log)
@@ -104,8 +106,8 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
         assert "socket interfaces: GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0" in text, text[-4000:]
         assert ("ignoring the submitting shell's MASTER_ADDR=node02 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0: srun sets "
                 "the ranks, the rendezvous is this job's first node") in text, text[-4000:]
-    assert steps(text) == list(range(1, STEPS + 1)), text[-4000:]
-    assert losses(tmp_path / "ckpt") == torchrun_losses(world, tmp_path_factory)
+    assert steps(text) == list(range(1, total + 1)), text[-4000:]
+    assert losses(tmp_path / "ckpt") == torchrun_losses(world, total, tmp_path_factory)
 
 
 DIST_PROBE = """
@@ -193,7 +195,7 @@ def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path
     placement = {0: (2, 0, "node01", "node01"), 1: (2, 0, "node02", "node01")}
     assert rank_lines(first) == placement and rank_lines(second) == placement, text[-6000:]
     assert "restart 1:" in second and "training finished (exit 0)" in second
-    assert losses(tmp_path / "ckpt") == torchrun_losses(2, tmp_path_factory)
+    assert losses(tmp_path / "ckpt") == torchrun_losses(2, STEPS, tmp_path_factory)
 
 
 def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
