@@ -29,6 +29,11 @@ BASE = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_head
         "checkpoint.interval=3", "diagnostics.interval=3", "logging.tensorboard=false", "parallel.tp=1", "parallel.pp=1",
         "parallel.sequence_parallel=false"]
 RECIPES = {"peri": "recipes/peri_ln/400m.yaml", "pre": "recipes/pre_ln/400m.yaml", "post": "recipes/post_ln/400m.yaml"}
+# The 400M recipe's width at 4 layers: big enough (~4 GiB) that the estimate's terms dominate.
+MEMORY_SHAPE = ["model.num_layers=4", "model.hidden_size=1024", "model.num_attention_heads=16",
+                "model.ffn_hidden_size=2816", "model.seq_length=2048", "train.micro_batch_size=4",
+                "train.global_batch_size=8", "model.vocab_size=32768", "train.steps=3", "diagnostics.interval=0"]
+MEMORY_TOLERANCE = 0.15  # |estimate / measured - 1|; CPU runs agree to 3% (tests/test_efficiency.py)
 
 
 class Smoke:
@@ -59,6 +64,33 @@ class Smoke:
         self.record(name, "PASS", f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
                                   f"{time.monotonic() - started:.0f} s")
         return losses
+
+
+def check_memory_estimate(smoke: Smoke) -> None:
+    """periln-params --memory's estimate (periln_megatron/memory.py, device gpu) against the trainer's
+    logged torch.cuda.max_memory_allocated (tensors only, as the estimate) for the te and local backends."""
+    from periln_megatron.config import load_recipe
+    from periln_megatron.memory import estimate
+    from periln_megatron.specs import HAVE_TE
+    from periln_megatron.train import fusion_kernels
+
+    for backend in ("te", "local"):
+        name = f"memory-estimate-{backend}"
+        sets = [f"model.backend={backend}", *MEMORY_SHAPE]
+        code, _, log = smoke.train(name, RECIPES["peri"], sets)
+        metrics = smoke.out / name / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        measured = max((r.get("max_memory_allocated_gib", 0.0) for r in rows), default=0.0)
+        if code != 0 or not measured:
+            smoke.record(name, "FAIL", f"exit {code}, no max_memory_allocated_gib logged: {log[-400:]!r}")
+            continue
+        recipe = load_recipe(REPO / RECIPES["peri"], [*BASE, f"checkpoint.dir={smoke.out / name}", *sets],
+                             check_environment=False)
+        est = estimate(recipe, 1, device="gpu", have_te=HAVE_TE, have_apex=fusion_kernels()["have_apex"]).peak.total
+        ratio = est / (measured * 2**30)
+        smoke.record(name, "PASS" if abs(ratio - 1) <= MEMORY_TOLERANCE else "FAIL",
+                     f"estimate {est / 2**30:.2f} GiB, max_memory_allocated {measured:.2f} GiB "
+                     f"(ratio {ratio:.2f}, tolerance {MEMORY_TOLERANCE:.0%})")
 
 
 def fp8_support() -> tuple[bool, str]:
@@ -95,6 +127,8 @@ def run_checks(smoke: Smoke) -> None:
                 continue
             smoke.check_training(name, recipe, ["model.backend=te", "precision.preset=fp8",
                                                 f"precision.fp8_recipe={fp8_recipe}"])
+
+    check_memory_estimate(smoke)
 
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_specs.py", "-k",
                             "te or fp8 or checkpoint_keys"], cwd=REPO, capture_output=True, text=True)
