@@ -270,13 +270,6 @@ class MultiNodeCluster(SlurmCluster):
                 raise RuntimeError(f"could not remove {left}")
 
     # ------------------------------------------------------------------ helpers for tests
-    def in_node(self, node: str, cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run `cmd` on `node`: its network namespace, hostname and hosts file (not under Slurm)."""
-        script = 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
-        return subprocess.run([_which("nsenter"), f"--net=/var/run/netns/{self.netns[node]}", "--",
-                               _which("unshare"), "--mount", "--uts", "--", "sh", "-c", script, "in-node", node,
-                               str(self.hosts_file), *cmd], capture_output=True, text=True, timeout=timeout)
-
     def node_of(self, pid: int) -> str | None:
         """The node whose network namespace process `pid` runs in (None: the root namespace)."""
         try:

@@ -59,8 +59,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def rank_lines(text: str) -> dict[int, tuple[int, int, str, str]]:
-    """rank -> (world size, local rank, host, MASTER_ADDR), from each rank's start line."""
-    return {int(r): (int(n), int(local), host, master) for r, n, local, host, master in RANK_LINE.findall(text)}
+    """rank -> (world size, local rank, host, MASTER_ADDR), from each rank's start line (one per rank)."""
+    found = RANK_LINE.findall(text)
+    out = {int(r): (int(n), int(local), host, master) for r, n, local, host, master in found}
+    assert len(out) == len(found), f"a rank started twice: {found}"
+    return out
 
 
 _references: dict[tuple[int, int], dict[int, float]] = {}
@@ -216,6 +219,7 @@ def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
     print(f"job {job} ended {info.state} {info.exit_code} {elapsed:.1f}s after the kill")
     assert info.state == "FAILED" and info.restarts == 0, f"{info.fields}\n{text[-4000:]}"
     assert elapsed < 60, f"the job took {elapsed:.0f}s to fail after a rank died\n{text[-4000:]}"
+    assert info.exit_code == "137:0", info.fields  # the dead rank's own status (128 + SIGKILL)
     failed = r"training failed: srun exit status \d+ \(.*exit 137 on rank 1.*\); not requeueing"
     assert re.search(failed, text), text[-4000:]
     assert "requeueing job" not in text and "checkpoint saved" not in text
