@@ -21,6 +21,8 @@
 #   PERILN_TRAIN     trainer command (default: periln-train)
 #   SRUN_ARGS        extra srun arguments
 #   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
+#   PERILN_SOCKET_IFNAME  network interface between the nodes, the default of GLOO_SOCKET_IFNAME
+#                    and NCCL_SOCKET_IFNAME (default: unset, the libraries choose)
 #   REPO             repository root (default: the directory sbatch was run from)
 # Node count, account, partition and time limit are sbatch options, not variables:
 #   sbatch -A myacct -p gpu -N 8 -t 12:00:00 slurm/peri_3b.sbatch
