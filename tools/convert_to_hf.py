@@ -8,7 +8,13 @@ or one iter_XXXXXXX directory; the recipe.yaml saved beside the weights gives th
 Peri-LN (RMSNorm) becomes HyperCLOVAX (use_post_norm: true), Pre-LN (RMSNorm) becomes Llama;
 other placements, LayerNorm and the embedding norm are refused (no stock architecture computes
 them). Output: safetensors (sharded, with an index, above --max-shard-size), config.json,
-generation_config.json and the tokenizer (SentencePiece -> fast tokenizer.json; HF carried over).
+generation_config.json (the tokenizer's bos/eos ids), the tokenizer (SentencePiece -> fast
+tokenizer.json; TikTokenizer .tiktoken/.json -> byte-level BPE tokenizer.json; HF carried over),
+megatron_source.json, and a README.md model card: architecture, norm placement and parameter count,
+tokenizer and training tokens, the recipe (YAML), the last losses and diagnostics (residual variance
+and max |activation| at the last layer) up to the exported iteration from the run's metrics.jsonl
+(found beside the checkpoint, in the recipe's logging.run_dir or checkpoint.dir, or --metrics;
+otherwise the card says they are unavailable), the periln-megatron version and this command.
 Runs in one CPU process, tensor by tensor; the output appears only when complete.
 """
 
@@ -31,9 +37,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB, 4GiB (default 2GB)")
     parser.add_argument("--tokenizer", help="tokenizer file/dir to use instead of the recipe's tokenizer.model (e.g. moved since training)")
     parser.add_argument("--skip-tokenizer", action="store_true", help="write no tokenizer files")
+    parser.add_argument("--metrics", type=Path, help="the run's metrics.jsonl (or its run dir) for the model card, "
+                        "when it is neither beside the checkpoint nor where the recipe's logging.run_dir/checkpoint.dir say")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
     args = parser.parse_args(argv)
+    command = list(sys.argv) if argv is None else [__file__, *argv]  # recorded in the model card
 
     from periln_megatron.hf import run_tool
     from periln_megatron.hf.export import convert_to_hf
@@ -42,7 +51,8 @@ def main(argv=None) -> int:
     return run_tool("convert_to_hf", args.quiet, lambda log: convert_to_hf(
         args.checkpoint_dir, args.output_dir, iteration=args.iteration, dtype=args.dtype,
         max_shard_size=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
-        skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite, log=log))
+        skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite, metrics=args.metrics, command=command,
+        log=log))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +35,12 @@ def resolve_iteration_dir(path: Path, iteration: int | None) -> Path:
     if not (target / ".metadata").is_file():
         raise CheckpointReadError(f"{target}: no such checkpoint (missing or incomplete)")
     return target
+
+
+def _iteration_of(iter_dir: Path) -> int | None:
+    """The iteration of an iter_XXXXXXX directory (megatron's name for it); None for another name."""
+    name = Path(iter_dir).resolve().name
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
 
 
 def load_checkpoint_recipe(iter_dir: Path):
@@ -134,9 +141,33 @@ def plan_entries(reader: TorchDistReader, s: Shape, dtype: torch.dtype) -> list[
     return entries
 
 
+def generation_config(special: dict) -> dict:
+    """generation_config.json: the tokenizer's bos/eos (and pad, where it has one) ids, greedy."""
+    return {**{k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in special},
+            "do_sample": False}
+
+
+def _tokenizer_card(recipe, tok_type: str | None, skip_tokenizer: bool, special: dict) -> dict:
+    model = recipe.tokenizer.model
+    if not recipe.tokenizer.type:
+        text = "none in the recipe (token ids only; no tokenizer files exported)"
+    elif skip_tokenizer:
+        text = f"`{recipe.tokenizer.type}` `{model}` (not exported: --skip-tokenizer)"
+    else:
+        text = f"`{tok_type}` `{Path(model).name}`, exported as `tokenizer.json`"
+    return {"description": text, "special": special}
+
+
 def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | None = None, dtype: str | None = None,
                   max_shard_size: int = 2 * 10**9, tokenizer: str | None = None, skip_tokenizer: bool = False,
-                  overwrite: bool = False, log=print) -> Path:
+                  overwrite: bool = False, metrics: Path | None = None, command: list[str] | None = None,
+                  log=print) -> Path:
+    """Write OUTPUT_DIR: safetensors, config.json, generation_config.json, the tokenizer, README.md
+    (model card, periln_megatron/hf/model_card.py) and megatron_source.json. `metrics`: the run's
+    metrics.jsonl (or its dir) when not found beside the checkpoint; `command`: the argv recorded
+    in the card (default sys.argv)."""
+    from periln_megatron.hf import model_card
+
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
@@ -153,9 +184,17 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
     s = mapping.shape_from_recipe(recipe, true_vocab_size(recipe))
     reader = TorchDistReader(iter_dir)
     entries = plan_entries(reader, s, torch_dtype)
+    padded_vocab = reader.shape("embedding.word_embeddings.weight")[0]
     log(f"{iter_dir}: {recipe.model.placement}-LN, {s.num_layers} layers, hidden {s.hidden}, heads {s.heads}/"
-        f"{s.groups} groups, vocab {s.vocab} (padded {reader.shape('embedding.word_embeddings.weight')[0]}) "
-        f"-> {arch} in {dtype_name}")
+        f"{s.groups} groups, vocab {s.vocab} (padded {padded_vocab}) -> {arch} in {dtype_name}")
+    exported_iteration = _iteration_of(iter_dir)
+    metrics_path, metrics_tried = model_card.find_metrics(iter_dir, recipe, metrics)
+    summary = model_card.summarize_metrics(metrics_path, exported_iteration) if metrics_path else None
+    if summary:
+        up_to = "?" if exported_iteration is None else exported_iteration
+        log(f"model card metrics: {metrics_path} ({summary.records} logged steps up to iteration {up_to})")
+    else:
+        log("model card metrics: unavailable (no metrics.jsonl in " + ", ".join(str(p.parent) for p in metrics_tried) + ")")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -174,11 +213,22 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
         write_sharded(tmp, entries, max_shard_size, log)
         config = mapping.hf_config(arch, s, torch_dtype, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {k: v for k, v in special.items()}
-        gen.update(do_sample=False)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2) + "\n")
+        params = sum(math.prod(e.shape) for e in entries)
+        embedding_params = sum(math.prod(e.shape) for e in entries
+                               if e.name in ("model.embed_tokens.weight", "lm_head.weight"))
+        card_command = model_card.command_line(command)
+        (tmp / "README.md").write_text(model_card.render_card(
+            recipe=recipe, recipe_yaml=(iter_dir / "recipe.yaml").read_text(), arch=arch, hf_config=config, shape=s,
+            params=params, embedding_params=embedding_params, padded_vocab=padded_vocab,
+            iter_dir=iter_dir, iteration=exported_iteration,
+            tokenizer=_tokenizer_card(recipe, tok_type, skip_tokenizer, special),
+            metrics=summary, metrics_tried=metrics_tried, command=card_command))
         (tmp / "megatron_source.json").write_text(json.dumps(
-            {"checkpoint": str(iter_dir.resolve()), "recipe": recipe.to_dict()}, indent=2, default=str) + "\n")
+            {"checkpoint": str(iter_dir.resolve()), "iteration": exported_iteration, "recipe": recipe.to_dict(),
+             "parameters": params, "metrics": summary.to_dict() if summary else None,
+             "periln_megatron_version": model_card.project_version(), "command": card_command},
+            indent=2, default=str) + "\n")
         os.chmod(tmp, 0o755)
         if output_dir.exists():
             shutil.rmtree(output_dir)
