@@ -16,7 +16,13 @@ import pytest
 from launch import REPO, run, run_torchrun
 
 TINY = str(REPO / "recipes/tiny/peri_ln.yaml")
-OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def offline(tmp: Path) -> dict:
+    """wandb offline, quiet, with its config/cache/data dirs under tmp (not the user's home)."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
+            "WANDB_CACHE_DIR": str(tmp / "wandb-cache"), "WANDB_DATA_DIR": str(tmp / "wandb-data")}
+
 WANDB_SETS = ["logging.wandb_project=periln-test", "logging.wandb_name=tiny-wandb", "diagnostics.interval=2",
               "train.eval_interval=2", "train.eval_iters=1", "checkpoint.interval=0"]
 
@@ -94,7 +100,7 @@ def wandb_run(tmp_path_factory):
     """4 steps on 2 ranks (DP=2), W&B offline, diagnostics and validation every 2 steps."""
     ckpt = tmp_path_factory.mktemp("wandb")
     result = run_torchrun(2, ["-m", "periln_megatron.train", "--recipe", TINY, "--set", f"checkpoint.dir={ckpt}",
-                              "train.steps=4", *WANDB_SETS], env=OFFLINE, timeout=300)
+                              "train.steps=4", *WANDB_SETS], env=offline(tmp_path_factory.mktemp("wandb-home")), timeout=300)
     return ckpt, result.stdout
 
 
@@ -165,7 +171,7 @@ def test_resumed_run_continues_the_same_wandb_run(wandb_run, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed)
     run([sys.executable, "-m", "periln_megatron.train", "--recipe", TINY, "--set", f"checkpoint.dir={resumed}",
-         "train.steps=6", *WANDB_SETS], env=OFFLINE, timeout=300)
+         "train.steps=6", *WANDB_SETS], env=offline(tmp_path), timeout=300)
     run_id = (ckpt / "wandb/periln_run_id").read_text().strip()
     assert (resumed / "wandb/periln_run_id").read_text().strip() == run_id
     runs = sorted((resumed / "wandb").glob("offline-run-*"))
@@ -208,7 +214,7 @@ def _cli(code: str, tmp_path: Path, *sets: str, env: dict | None = None):
 
 def test_wandb_enabled_but_not_installed_is_one_line_before_training(tmp_path):
     r = _cli("sys.modules['wandb'] = None  # not importable, as where it is not installed", tmp_path,
-             "logging.wandb_project=p", env=OFFLINE)
+             "logging.wandb_project=p", env=offline(tmp_path))
     assert r.returncode == 2, r.stdout
     errors = [line for line in r.stdout.splitlines() if "error" in line]
     assert len(errors) == 1 and "`logging.wandb_project` is set but wandb is not installed" in errors[0]
