@@ -358,8 +358,8 @@ def test_paper_recipe_flags_still_run_at_tp2_x_pp2(tmp_path):
             "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128", "model.seq_length=64",
             "model.backend=local", "train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=1",
             "train.eval_interval=0", "optim.warmup_steps=1", "checkpoint.interval=2", "diagnostics.interval=0",
-            "logging.tensorboard=false", "data.prefixes=[]", "data.synthetic=true", "tokenizer.type=null",
-            "tokenizer.model=null", "tokenizer.vocab_size=null", "model.vocab_size=1024"]
+            "logging.tensorboard=false", "logging.interval=1", "data.prefixes=[]", "data.synthetic=true",
+            "tokenizer.type=null", "tokenizer.model=null", "tokenizer.vocab_size=null", "model.vocab_size=1024"]
     args = ["-m", "periln_megatron.train", "--recipe", "recipes/peri_ln/3.2b.yaml", "--set", *sets]
     ckpt = tmp_path / "ckpt"
     out = run_torchrun(8, [*args, f"checkpoint.dir={ckpt}"], timeout=600).stdout
