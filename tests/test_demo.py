@@ -1,43 +1,243 @@
-"""A reduced `make demo`: the whole pipeline on the default (local) corpus with few steps."""
+"""`make demo`: the findings classifier on synthetic metric files (each direction), the warnings, the
+degeneracy check, the held-back prompt, and a reduced demo end to end (the `quick` preset)."""
 
 import json
 import sys
+from pathlib import Path
+
+import pytest
+import yaml
 
 from launch import run
 
-PNG = b"\x89PNG\r\n\x1a\n"
+from periln_megatron import demo
 
+PNG = b"\x89PNG\r\n\x1a\n"
+LAYERS = 4
+
+
+# ----------------------------------------------------------------------------- synthetic runs
+
+def layer_record(step: int, variance: list, max_abs: list, placement: str, sub_max=None) -> dict:
+    """A measured step's per-layer lists as the trainer logs them (index 0: the embedding output)."""
+    n = len(variance)
+    sub = [None] + [1.0] * (n - 1)
+    return {"step": step, "layer_variance": variance, "layer_max_abs": max_abs,
+            "layer_max_token_sumsq": [m * m * 2 for m in max_abs], "layer_grad_norm": [0.1] * n,
+            "layer_max_abs_dim": [7] * n, "layer_top_dims": [[[7, 0.5], [3, 0.1], [1, 0.05]]] * n,
+            "attn_out_rms": sub, "mlp_out_rms": sub, "attn_out_max_abs": sub,
+            "mlp_out_max_abs": sub_max or sub,
+            "attn_out_gain": sub if placement == "peri" else [None] * n,
+            "mlp_out_gain": sub if placement == "peri" else [None] * n}
+
+
+def make_run(root: Path, key: str, placement: str, *, lr=0.01, seed=1234, steps=100, variance=None, max_abs=None,
+             valid=None, train=None, spikes=(), diverged_at=None, sub_max=None, valid_curve=None) -> Path:
+    """A run directory like the demo's: recipe.yaml, metrics.jsonl, demo_outcome.json."""
+    d = root / key
+    d.mkdir(parents=True)
+    recipe = {"name": f"demo-{key}", "model": {"placement": placement, "num_layers": LAYERS, "hidden_size": 64},
+              "optim": {"lr": lr}, "train": {"seed": seed, "steps": steps}}
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    last = diverged_at - 1 if diverged_at else steps
+    train = train or (lambda s: 6.0 - s / steps)
+    records = {s: {"step": s, "loss": train(s)} for s in range(10, last + 1, 10)}
+    for s, message in spikes:
+        records.setdefault(s, {"step": s, "loss": train(s)})["spike"] = message
+    for s, v in (valid_curve or []):
+        records.setdefault(s, {"step": s, "loss": train(s)})["valid_loss"] = v
+    if variance is not None:
+        records.setdefault(last, {"step": last, "loss": train(last)}).update(
+            layer_record(last, variance, max_abs, placement, sub_max))
+    lines = [json.dumps(records[s]) for s in sorted(records)]
+    if not diverged_at:
+        lines.append(json.dumps({"step": steps, "final_valid_loss": valid}))
+        outcome = {"status": "finished", "message": "", "steps": steps}
+    else:
+        outcome = {"status": "diverged", "message": f"step {diverged_at}: loss=nan grad_norm=nan", "steps": steps}
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "demo_outcome.json").write_text(json.dumps(outcome))
+    return d
+
+
+FLAT = [1e-3, 2.0, 4.0, 6.0, 8.0]           # Peri-LN-like: ~linear growth after layer 0
+STEEP = [1e-3, 10.0, 300.0, 3e3, 2e5]        # Pre-LN-like: orders of magnitude
+SMALL_MAX, BIG_MAX = [0.1, 3.0, 5.0, 7.0, 9.0], [0.1, 900.0, 1500.0, 1400.0, 1600.0]
+
+
+def status(findings, word: str) -> str:
+    (f,) = [f for f in findings if word in f.name]
+    return f.status
+
+
+def classify(root: Path, lr=0.01):
+    runs = [demo.summarise_run(d) for d in sorted(root.iterdir())]
+    return demo.classify(runs, lr)
+
+
+def test_classifier_reproduced_when_the_numbers_favour_peri_ln(tmp_path):
+    make_run(tmp_path, "peri", "peri", variance=FLAT, max_abs=SMALL_MAX, valid=5.00)
+    make_run(tmp_path, "pre", "pre", variance=STEEP, max_abs=BIG_MAX, valid=5.10,
+             sub_max=[None, 800.0, 1.0, 1.0, 1.0], spikes=[(30, "grad_norm 9 > 3x median 1")])
+    make_run(tmp_path, "peri_lr0.1", "peri", lr=0.1, variance=FLAT, max_abs=SMALL_MAX, valid=5.3)
+    make_run(tmp_path, "pre_lr0.1", "pre", lr=0.1, diverged_at=40)
+    findings = classify(tmp_path)
+    assert [f.status for f in findings] == ["reproduced"] * 6, [f.line() for f in findings]
+    variance = findings[0].evidence
+    assert "2e+05 against Peri-LN's 8 (2.5e+04x)" in variance and "2e+08x against 8e+03x" in variance
+    assert "Pre-LN 1600 (layer 4), Peri-LN 9 (layer 4), 178x" in findings[1].evidence
+    assert "Peri-LN 5.0000, Pre-LN 5.1000" in findings[2].evidence and "lower by more than" in findings[2].evidence
+    assert "Only Pre-LN was unstable at lr 0.1" in findings[3].evidence
+    assert "Pre-LN: 1 diverged, 0 loss spikes, 1 grad-norm spikes" in findings[3].evidence
+    # the sweep: each at its best learning rate, and the sensitivity (a diverged run is unbounded)
+    assert "Peri-LN 5.0000 (lr 0.01), Pre-LN 5.1000 (lr 0.01)" in findings[4].evidence
+    assert "Peri-LN 5.0000, 5.3000; Pre-LN 5.1000, diverged" in findings[5].evidence
+    assert "Range: Peri-LN 0.3000, Pre-LN unbounded (a run diverged)." in findings[5].evidence
+    # where the massive activation sits: its layer, the sublayer that writes it, the dimensions
+    pre = demo.summarise_run(tmp_path / "pre")
+    peak = demo.peak(pre)
+    assert (peak["layer"], peak["first_layer"], peak["sublayer"], peak["dim"]) == (4, 1, "MLP", 7)
+    (line,) = demo.activation_lines(pre)
+    assert "first appears at layer 1, whose MLP output reaches 800" in line and "7 (50.0%)" in line
+    assert "a token's sum of squares exceeds 65504" in line and "from layer 1 on" in line
+
+
+def test_classifier_not_reproduced_when_the_numbers_favour_pre_ln(tmp_path):
+    make_run(tmp_path, "peri", "peri", variance=STEEP, max_abs=BIG_MAX, valid=5.20)
+    make_run(tmp_path, "pre", "pre", variance=FLAT, max_abs=SMALL_MAX, valid=5.00)
+    make_run(tmp_path, "peri_lr0.1", "peri", lr=0.1, variance=FLAT, max_abs=SMALL_MAX, valid=5.5,
+             spikes=[(50, "loss 19 > 3x median 5.5")])
+    make_run(tmp_path, "pre_lr0.1", "pre", lr=0.1, variance=FLAT, max_abs=SMALL_MAX, valid=5.05)
+    findings = classify(tmp_path)
+    assert [f.status for f in findings] == ["not reproduced"] * 6, [f.line() for f in findings]
+    assert "higher by more than the tolerance 0.020" in findings[2].evidence
+    assert "Only Peri-LN was unstable at lr 0.1" in findings[3].evidence
+
+
+def test_classifier_in_between_partly_equal_and_not_shown(tmp_path):
+    make_run(tmp_path, "peri", "peri", variance=FLAT, max_abs=SMALL_MAX, valid=5.010)
+    make_run(tmp_path, "pre", "pre", variance=[1e-3, 5, 10, 20, 24.0], max_abs=[0.1, 5, 10, 20, 27.0], valid=5.000)
+    findings = classify(tmp_path)
+    assert [f.status for f in findings] == ["partly", "partly", "reproduced", "not shown"]
+    assert "equal within the tolerance 0.020 (not lower)" in findings[2].evidence
+    assert "try a learning-rate sweep" in findings[3].evidence
+
+
+def test_classifier_seed_spread_sets_the_loss_tolerance_and_divergence_is_not_shown(tmp_path):
+    for i, (vp, vq) in enumerate([(5.00, 4.95), (5.20, 5.00), (5.10, 5.05)]):
+        make_run(tmp_path, f"peri_s{i}", "peri", seed=i, variance=FLAT, max_abs=SMALL_MAX, valid=vp)
+        make_run(tmp_path, f"pre_s{i}", "pre", seed=i, variance=STEEP, max_abs=BIG_MAX, valid=vq)
+    findings = classify(tmp_path)
+    # means 5.10 vs 5.00: +0.10, inside twice the larger seed-to-seed standard deviation (2 x 0.1)
+    assert status(findings, "lower validation loss (lr") == "reproduced"
+    assert "mean of 3 / 3 seeds" in findings[2].evidence and "tolerance 0.200" in findings[2].evidence
+    assert status(findings, "seed to seed") == "not reproduced"  # 0.1 against 0.05
+    assert "Peri-LN 0.1000, Pre-LN 0.0500" in findings[4].evidence
+    # a main run that diverged gives no per-layer lists and no loss: nothing is claimed
+    other = tmp_path / "diverged"
+    make_run(other, "peri", "peri", variance=FLAT, max_abs=SMALL_MAX, valid=5.0)
+    make_run(other, "pre", "pre", diverged_at=20)
+    findings = classify(other)
+    assert [f.status for f in findings] == ["not shown", "not shown", "not shown", "reproduced"]
+
+
+def test_warnings_for_too_many_epochs_and_overfitting(tmp_path):
+    curve = [(20, 5.0), (40, 4.8), (60, 4.9), (80, 5.1)]
+    make_run(tmp_path, "pre", "pre", variance=FLAT, max_abs=SMALL_MAX, valid=5.1, valid_curve=curve)
+    make_run(tmp_path, "peri", "peri", variance=FLAT, max_abs=SMALL_MAX, valid=4.7,
+             valid_curve=[(20, 5.0), (40, 4.8), (60, 4.75), (80, 4.7)])
+    runs = [demo.summarise_run(tmp_path / k) for k in ("peri", "pre")]
+    stats = demo.CorpusStats(100, 60_000, 95, 50_000, 3000, 6.5)
+    found = demo.warnings(runs, stats, tokens_per_step=2048)
+    assert len(found) == 2
+    assert "100 steps x 2048 tokens = 204,800 tokens is 4.1 epochs" in found[0]
+    assert "Pre-LN (lr 0.01, seed 1234): validation loss rose from 4.8000 (step 40) to 5.1000 (step 80)" in found[1]
+    assert demo.warnings(runs[:1], demo.CorpusStats(100, 10**6, 95, 900_000, 3000, 6.5), 2048) == []
+
+
+def test_degeneracy():
+    assert demo.degeneracy([]) == "empty continuation"
+    assert demo.degeneracy([5] * 32) == "one token makes up 32 of 32 generated tokens"
+    assert "it loops" in demo.degeneracy([1, 2, 3, 4, 5, 6] * 5)
+    assert demo.degeneracy(list(range(32))) is None
+    assert demo.degeneracy([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 11, 12, 13]) is None
+
+
+def test_corpus_holds_back_documents_and_the_prompt_is_their_start(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(f"Document number {i} says word{i} and more words follow here." for i in range(120)))
+    (tmp_path / "out").mkdir()
+    corpus, heldout = demo.build_corpus(tmp_path / "out", [str(text)])
+    kept = [json.loads(l)["text"] for l in corpus.read_text().splitlines()]
+    held = [json.loads(l)["text"] for l in heldout.read_text().splitlines()]
+    assert len(kept) == 118 and len(held) == 2 and not set(kept) & set(held)
+    prompt, truth, doc = demo.sample_prompt(heldout)
+    assert (prompt, doc) == ("Document number 49 says", 0) and truth.startswith("word49 and more")
+    assert demo.split_bounds([95, 5, 0], 2207) == [0, 2097, 2207, 2207]
+    # the first held-back document that starts with plain words, not code
+    code = tmp_path / "held.jsonl"
+    code.write_text("\n".join(json.dumps({"text": t}) for t in ("x = f(y) + 1 and more", "Return the sum of all values")))
+    assert demo.sample_prompt(code) == ("Return the sum of", "all values", 1)
+
+
+def test_arguments():
+    args = demo.parse_args(["--lr", "3e-2", "--sweep", "1e-2,1e-1", "--steps", "40", "--seeds", "2", "--hidden", "128"])
+    assert (args.lr, args.sweep, args.steps, args.sweep_steps, args.seeds) == (0.03, [0.01, 0.1], 40, 40, 2)
+    assert args.ffn == 344 and args.layers == demo.PRESETS["default"]["layers"]
+    keys = [j.key for j in demo.plan(args)]
+    assert keys == ["peri", "pre", "peri_seed1235", "pre_seed1235", "peri_lr0.01", "pre_lr0.01", "peri_lr0.1",
+                    "pre_lr0.1"]
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--hidden", "90"])  # not a multiple of the 4 heads
+
+
+# ----------------------------------------------------------------------------- end to end
 
 def test_reduced_demo(tmp_path):
     out = tmp_path / "demo"
-    result = run([sys.executable, "-m", "periln_megatron.demo", "--out", str(out), "--steps", "6"], timeout=900)
+    result = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=900)
     assert "done in" in result.stdout, result.stdout[-4000:]
+    assert "Peri-LN (lr 0.01, seed 1234, 6 steps): step 3/6" in result.stdout and "ETA" in result.stdout
 
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
+    runs = {}
     for placement in ("peri", "pre"):
-        s = summary[placement]
-        assert s["valid_loss"] > 0 and len(s["layer_variance"]) == 12
-        assert s["variance_ratio"] > 0 and s["growth_per_layer"] > 0
-    # the report states the measured growth of both, whatever its direction
-    assert f"{summary['pre']['variance_ratio']:.2f}x under Pre-LN" in report
-    assert f"{summary['peri']['variance_ratio']:.2f}x under Peri-LN" in report
+        records = [json.loads(l) for l in (out / "runs" / placement / "metrics.jsonl").read_text().splitlines()]
+        measured = [r for r in records if "layer_variance" in r]
+        # layer 0 (the embedding output) in the JSONL
+        assert measured and all(len(r["layer_variance"]) == LAYERS + 1 for r in measured)
+        runs[placement] = demo.summarise_run(out / "runs" / placement)
+        assert summary["runs"][placement]["valid_loss"] == runs[placement].valid_loss > 0
+    # layer 0 in the report's table, with the numbers of the JSONL
+    row = [l for l in report.splitlines() if l.startswith("| 0 (embedding) |")]
+    assert len(row) == 1
+    assert f"| {runs['peri'].layer('layer_variance')[0]:.3g} | {runs['pre'].layer('layer_variance')[0]:.3g} |" in row[0]
+    # every finding line is the classifier's, recomputed here from the run directories
+    for finding in demo.classify(list(runs.values()), 0.01):
+        assert finding.line() in report
+    assert "Training: 6 steps of 8 x 64 = 512 tokens: 3,072 tokens seen" in report
+    assert "## Parallelism check" in report and "(agree: difference" in report
 
     plots = sorted((out / "plots").glob("*.png"))
-    assert len(plots) >= 4
-    import matplotlib.image
-
+    assert {p.name for p in plots} >= {"variance_vs_depth.png", "max_abs_vs_depth.png", "sublayers.png",
+                                       "fp16_headroom.png"}
     for plot in plots:
         assert plot.read_bytes()[:8] == PNG
-        assert matplotlib.image.imread(plot).shape[0] > 100
 
+    # the prompt is the start of a held-back document; the export loads in stock transformers
+    prompt, truth, _ = demo.sample_prompt(out / "heldout.jsonl")
+    assert summary["sample"]["prompt"] == prompt and repr(prompt) in report
+    corpus = (out / "corpus.jsonl").read_text()
+    first_held = json.loads((out / "heldout.jsonl").read_text().splitlines()[0])["text"]
+    assert json.dumps({"text": first_held}) not in corpus
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf_peri_ln")
-    assert model.config.model_type == "hyperclovax" and model.config.num_hidden_layers == 12
-    assert "greedy:" in report
+    assert model.config.model_type == "hyperclovax" and model.config.num_hidden_layers == LAYERS
+    assert "Greedy, 32 new tokens:" in report
 
     # re-running resumes: nothing is retrained, the report is rewritten
-    again = run([sys.executable, "-m", "periln_megatron.demo", "--out", str(out), "--steps", "6"], timeout=600)
+    again = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=600)
     assert "corpus: " in again.stdout and "exists, kept" in again.stdout
-    assert "training Peri-LN" in again.stdout and "step 1/" not in again.stdout
+    assert "finished earlier (finished), kept" in again.stdout and "step 1/" not in again.stdout
