@@ -94,3 +94,26 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
         except ProcessLookupError:
             pass
         p.wait()
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl; a later line for a step (a resumed run) wins."""
+    import json
+
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # worker processes pickle its functions by module name
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,6 @@ once per module on the text carried in tests/data (tests/corpus.py).
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,7 @@ TOOLS = REPO / "tools"
 sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
+from launch import load_tool  # noqa: E402
 from periln_megatron.indexed_data import DataPrefixError, verify_prefix  # noqa: E402
 from periln_megatron.tokenizer import load_tokenizer  # noqa: E402
 
@@ -39,17 +39,9 @@ UNICODE_DOCS = [
 ]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes pickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def pp():
-    return _load_tool("preprocess_data")
+    return load_tool("preprocess_data")
 
 
 def _docs() -> list[str]:
@@ -68,7 +60,7 @@ def _write_jsonl(path: Path, docs, key="text"):
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "bpe1k"
-    rc = _load_tool("train_tokenizer").main([
+    rc = load_tool("train_tokenizer").main([
         "--input", *(str(corpus.data_file(name)) for name in corpus.TRAINING_FILES),
         "--model-prefix", str(out), "--vocab-size", "1000", "--special-tokens", "<|pad|>",
         "--user-defined-symbols", "<|im_start|>", "--input-sentence-size", "20000"])

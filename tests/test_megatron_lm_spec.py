@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from launch import free_port
+from mcore_single import single_process  # noqa: F401 - autouse fixture
 
 from periln_megatron import megatron_lm, runtime, specs
 from periln_megatron.model import build_gpt_model, transformer_config
@@ -24,20 +24,6 @@ NORM_EPS = {"RMSNorm": 1e-5, "LayerNorm": 1e-6}  # a non-default eps: it must re
 needs_te_gpu = pytest.mark.skipif(
     not (specs.HAVE_TE and torch.cuda.is_available()), reason="needs Transformer Engine and a CUDA GPU"
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        assert parallel_state.get_tensor_model_parallel_world_size() == 1
-        yield
-        return
-    os.environ["MASTER_PORT"] = str(free_port())
-    runtime.initialize(runtime.ParallelLayout(), seed=0)
-    yield
-    runtime.shutdown()
 
 
 def fetch_spec(name: str):

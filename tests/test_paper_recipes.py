@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from launch import run_torchrun
+from launch import run_torchrun, step_losses
 
 TINY = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set"]
 
@@ -112,10 +112,6 @@ def _layout(recipe_path):
     return recipe.parallel, recipe.precision.preset
 
 
-def _train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
-
-
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
     """Train, save, resume exactly, export with its tokenizer, load in transformers, same logits."""
@@ -135,7 +131,7 @@ def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
             f"tokenizer.model={tok}", "tokenizer.vocab_size=null"]
     out = run_torchrun(nproc, [*args, f"checkpoint.dir={ckpt}"], timeout=420).stdout
     assert f"tp={parallel.tp} pp={parallel.pp} vpp=None cp=1 dp=2" in out
-    straight = _train_losses(ckpt)
+    straight = step_losses(ckpt)
     assert sorted(straight) == [1, 2, 3] and all(math.isfinite(v) for v in straight.values())
     assert [r["step"] for r in records(ckpt) if "valid_loss" in r] == [2]
     assert [len(r["layer_variance"]) for r in records(ckpt) if "layer_variance" in r] == [4]  # diagnostics, step 2
@@ -146,7 +142,7 @@ def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
         (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
         out = run_torchrun(nproc, [*args, f"checkpoint.dir={resumed}"], timeout=420).stdout
         assert "resumed from iteration 2" in out
-        assert _train_losses(resumed)[3] == straight[3]
+        assert step_losses(resumed)[3] == straight[3]
 
     hf = tmp_path / "hf"
     export = run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(hf)], timeout=180, check=False)

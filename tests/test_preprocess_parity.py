@@ -44,7 +44,6 @@ Test text: tests/data via tests/corpus.py; every tokenizer and the punkt model a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -58,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
+from launch import load_tool  # noqa: E402
 
 EOT = "<|endoftext|>"
 SPLIT_CHARS = 1_000_000  # Megatron-LM splits sentences this many characters at a time
@@ -79,17 +79,9 @@ EDGE_DOCS = [
 LONG_DOC = "Alpha beta. Gamma delta." + " " * (SPLIT_CHARS - 28) + "Epsilon zeta. Eta theta."
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes pickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def pp():
-    return _load_tool("preprocess_data")
+    return load_tool("preprocess_data")
 
 
 def _docs() -> list[str]:

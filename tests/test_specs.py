@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from launch import free_port
+from mcore_single import single_process  # noqa: F401 - autouse fixture
 from reference_model import RefGPT, load_megatron_state
 
 from periln_megatron import runtime, specs
@@ -19,20 +18,6 @@ needs_te = pytest.mark.skipif(not specs.HAVE_TE, reason="Transformer Engine is n
 needs_te_gpu = pytest.mark.skipif(
     not (specs.HAVE_TE and torch.cuda.is_available()), reason="needs Transformer Engine and a CUDA GPU"
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        assert parallel_state.get_tensor_model_parallel_world_size() == 1
-        yield
-        return
-    os.environ["MASTER_PORT"] = str(free_port())
-    runtime.initialize(runtime.ParallelLayout(), seed=0)
-    yield
-    runtime.shutdown()
 
 
 def make_config(**kw):

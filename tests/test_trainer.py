@@ -1,6 +1,5 @@
 """The trainer end to end on CPU: exact resume after SIGKILL, resharding, preemption, crash during save."""
 
-import json
 import shutil
 import signal
 from pathlib import Path
@@ -8,19 +7,10 @@ from pathlib import Path
 import pytest
 
 from launch import kill_all, run_torchrun, spawn_ranks, wait_all, wait_for_line
+from launch import step_losses as losses
 
 TINY = "recipes/tiny/peri_ln.yaml"
 TRAIN = ["-m", "periln_megatron.train", "--recipe", TINY]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a resumed run's lines override the killed run's."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 def marker(ckpt: Path) -> int:
