@@ -309,14 +309,14 @@ def _pieces(sharded) -> list[tuple]:
 
     if not isinstance(sharded, ShardedTensorFactory):
         return [(sharded, 0)]
-    index = torch.arange(sharded.data.numel(), dtype=torch.int64).view(sharded.data.shape)
+    # Built on a meta tensor (no memory): each part's data is a view whose offset says where it starts.
+    base = torch.empty(sharded.data.shape, dtype=sharded.data.dtype, device="meta")
     pieces = []
-    for part in nested_values(sharded.build_fn(sharded.key, index, sharded.replica_id, None)):
-        flat = part.data.reshape(-1)
-        start = int(flat[0]) if flat.numel() else 0
-        if not torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=torch.int64)):
+    for part in nested_values(sharded.build_fn(sharded.key, base, sharded.replica_id, None)):
+        view = part.data
+        if not ((view is base or view._base is base) and view.is_contiguous()):
             raise NotImplementedError(f"{sharded.key}: a checkpoint factory part is not a contiguous range")
-        pieces.append((part, start))
+        pieces.append((part, view.storage_offset()))
     return pieces
 
 
