@@ -113,8 +113,8 @@ def test_periln_params_reports_counts_within_10_percent():
         assert abs(row["deviation"]) <= 0.10, row
         assert row["non_embedding"] < row["total"]
     big = next(r for r in rows if r["recipe"].endswith("peri_ln/3.2b.yaml"))
-    assert load_recipe(big["recipe"], check_environment=False).parallel.tp > 1
-    assert load_recipe(big["recipe"], check_environment=False).parallel.pp > 1
+    # 3.2B fits one H100-80GB per replica with the distributed optimizer (the recipe's header gives the estimate)
+    assert load_recipe(big["recipe"], check_environment=False).parallel.distributed_optimizer
 
 
 def test_param_count_matches_built_model():

@@ -76,7 +76,8 @@ def test_huggingface_tokenizer_adds_no_bos_like_megatron_lm(tmp_path):
 # and batch (and the intervals and warmup that must fit in them), the backend (local: no TE here),
 # and data/tokenizer files, replaced by local files of the same type (a small local .tiktoken BPE;
 # cl100k's own special-token layout is covered by test_hf_tiktoken.py). Kept as shipped: bf16, the distributed optimizer
-# with both overlap flags, SP, the TP x PP layout (at DP=2), split, untied embeddings, the placement.
+# with both overlap flags, the recipe's layout (at DP=2; TP2xPP2 with SP: test_efficiency.py), split, untied
+# embeddings, the placement.
 PAPER_RECIPES = ["peri_ln/400m", "pre_ln/400m", "post_ln/400m", "peri_ln/1.5b", "pre_ln/1.5b",
                  "peri_ln/3.2b", "pre_ln/3.2b"]
 SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
@@ -134,7 +135,8 @@ def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
     straight = step_losses(ckpt)
     assert sorted(straight) == [1, 2, 3] and all(math.isfinite(v) for v in straight.values())
     assert [r["step"] for r in records(ckpt) if "valid_loss" in r] == [2]
-    assert [len(r["layer_variance"]) for r in records(ckpt) if "layer_variance" in r] == [4]  # diagnostics, step 2
+    # diagnostics at step 2: the embedding output (layer 0) and the 4 layers
+    assert [len(r["layer_variance"]) for r in records(ckpt) if "layer_variance" in r] == [5]
 
     if not name.startswith("pre_ln"):  # Pre-LN shares its layout and flags with the Peri-LN case of its size
         resumed = tmp_path / "resumed"  # from iteration 2, as a requeued job would
