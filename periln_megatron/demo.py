@@ -512,6 +512,42 @@ def peak(run: RunSummary) -> dict | None:
             "dim": dims[layer] if dims else None, "top_dims": top[layer] if top else None}
 
 
+def _curves(peri: RunSummary | None, pre: RunSummary | None) -> str:
+    """How the two validation curves compare over training (first seed): which model was lower when."""
+    if peri is None or pre is None:
+        return ""
+    theirs = dict(pre.valid_curve)
+    both = [(s, v, theirs[s]) for s, v in peri.valid_curve if s in theirs]
+    if len(both) < 2:
+        return ""
+    lower = [s for s, vp, vq in both if vp < vq]
+    return (f" Along training (seed {peri.seed}), Peri-LN's validation loss was the lower one at {len(lower)} of "
+            f"{len(both)} evaluations" + (f" (steps {', '.join(map(str, lower))})." if lower else "."))
+
+
+def _other_lrs(runs: list[RunSummary], lr: float, what: str) -> str:
+    """The same comparison at the other learning rates tried (first seed), for the evidence; the verdict
+    is the main learning rate's."""
+    parts = []
+    for x in sorted({r.lr for r in runs if not math.isclose(r.lr, lr)}):
+        pair = {p: min((r for r in runs if r.placement == p and math.isclose(r.lr, x)), key=lambda r: r.seed,
+                       default=None) for p, _ in PLACEMENTS}
+        if None in pair.values():
+            continue
+        if what == "variance":
+            vp, vq = pair["peri"].layer("layer_variance"), pair["pre"].layer("layer_variance")
+            if vp and vq and vp[-1] and vq[-1]:
+                parts.append(f"lr {x:g}: {vq[-1]:.3g} against {vp[-1]:.3g} ({_ratio(vq[-1], vp[-1]):.3g}x)")
+        else:
+            kp, kq = peak(pair["peri"]), peak(pair["pre"])
+            if kp and kq:
+                parts.append(f"lr {x:g}: Pre-LN {kq['value']:.4g}, Peri-LN {kp['value']:.4g} "
+                             f"({_ratio(kq['value'], kp['value']):.3g}x)")
+    if not parts:
+        return ""
+    return f" At the other learning rates (the verdict is lr {lr:g}'s): {'; '.join(parts)}."
+
+
 def loss_tolerance(peri: list[RunSummary], pre: list[RunSummary]) -> float:
     """LOSS_TOLERANCE, or with several seeds twice the larger seed-to-seed standard deviation if that is more."""
     spreads = [statistics.stdev(x) for x in ([r.valid_loss for r in peri if r.valid_loss is not None],
@@ -546,7 +582,7 @@ def classify(runs: list[RunSummary], lr: float) -> list[Finding]:
         else:
             status = "partly"
             evidence += f" Same direction, but not {FAR_MORE:g}x in both."
-        findings.append(Finding(name, status, evidence))
+        findings.append(Finding(name, status, evidence + _other_lrs(runs, lr, "variance")))
 
     # 2. massive activations
     name = "Pre-LN develops massive activations, Peri-LN keeps them bounded"
@@ -564,7 +600,7 @@ def classify(runs: list[RunSummary], lr: float) -> list[Finding]:
         else:
             status = "partly"
             evidence += f" Same direction, but less than {FAR_MORE:g}x."
-        findings.append(Finding(name, status, evidence))
+        findings.append(Finding(name, status, evidence + _other_lrs(runs, lr, "max_abs")))
 
     # 3. loss at the same learning rate
     name = f"Peri-LN reaches an equal or lower validation loss (lr {lr:g})"
@@ -585,7 +621,7 @@ def classify(runs: list[RunSummary], lr: float) -> list[Finding]:
             status, evidence = "reproduced", evidence + f", equal within the tolerance {tol:.3f} (not lower)."
         else:
             status, evidence = "not reproduced", evidence + f", higher by more than the tolerance {tol:.3f}."
-        findings.append(Finding(name, status, evidence))
+        findings.append(Finding(name, status, evidence + _curves(peri, pre)))
 
     # 4. stability over the learning rates tried
     name = "Pre-LN is less stable (divergence, loss spikes) where Peri-LN trains fine"
@@ -688,9 +724,13 @@ def seed_findings(at: dict) -> list[Finding]:
     return [Finding(name, status, evidence)]
 
 
+LOOP_TAIL = 12  # a continuation whose last 12 tokens repeat a pattern of at most 4 tokens ends in a loop
+
+
 def degeneracy(ids: list[int]) -> str | None:
     """Why a generated continuation is degenerate, or None if it is not: empty, one token making up a
-    third of it, or fewer than half of its 4-grams distinct (a loop)."""
+    third of it, fewer than half of its 4-grams distinct (a loop), or ending in a loop (its last
+    LOOP_TAIL tokens repeat a pattern of at most 4 tokens)."""
     if not ids:
         return "empty continuation"
     top = max(set(ids), key=ids.count)
@@ -699,6 +739,11 @@ def degeneracy(ids: list[int]) -> str | None:
     grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
     if grams and len(set(grams)) * 2 < len(grams):
         return f"only {len(set(grams))} of its {len(grams)} 4-grams are distinct (it loops)"
+    tail = ids[-LOOP_TAIL:]
+    if len(tail) == LOOP_TAIL:
+        for period in range(1, 5):
+            if all(tail[i] == tail[i - period] for i in range(period, LOOP_TAIL)):
+                return f"its last {LOOP_TAIL} tokens repeat a pattern of {period} (it ends in a loop)"
     return None
 
 
@@ -714,9 +759,12 @@ def export_and_sample(out: Path, ckpt: Path, prompt: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    generated = model.generate(ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False)
+    # All SAMPLE_TOKENS tokens: the end-of-document token does not stop generation (the model was trained on
+    # documents joined by it, so it goes on with the next one), and a short answer cannot pass for a good one.
+    generated = model.generate(ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=SAMPLE_TOKENS,
+                               min_new_tokens=SAMPLE_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=None)
     new = generated[0, ids.shape[1]:].tolist()
-    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    text = tokenizer.decode(generated[0], skip_special_tokens=False)
     verdict = degeneracy(new)
     log(f"{type(model).__name__} greedy sample: {text!r} ({'degenerate: ' + verdict if verdict else 'not degenerate'})")
     return {"model": f"{type(model).__name__} ({model.config.model_type})", "dir": hf_dir.name, "prompt": prompt,
@@ -831,7 +879,8 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
         lines.append(f"- **Peri-LN's export gives a non-degenerate greedy sample: "
                      f"{'no' if sample['degenerate'] else 'yes'}.** "
                      + (f"Degenerate: {sample['degenerate']}." if sample["degenerate"] else
-                        f"{sample['new_tokens']} new tokens, no token a third of them, at least half the 4-grams distinct."))
+                        f"{sample['new_tokens']} new tokens, no token a third of them, at least half the 4-grams "
+                        f"distinct, and no loop of up to 4 tokens at the end."))
     lines.append("")
     if peri and pre:
         lines += [f"## Per layer, step {peri.measured_step} (Peri-LN) and {pre.measured_step} (Pre-LN)", "",
@@ -865,8 +914,9 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
         lines += ["## Hugging Face export", "",
                   f"{sample['model']} from `{sample['dir']}/`. Prompt: the first {PROMPT_WORDS} words of held-back "
                   f"document {sample['doc']} of `heldout.jsonl` (never trained on), {sample['prompt']!r}; the "
-                  f"document goes on {sample['truth']!r}.", "", f"Greedy, {SAMPLE_TOKENS} new tokens: {sample['text']!r}",
-                  ""]
+                  f"document goes on {sample['truth']!r}.", "",
+                  f"Greedy, {SAMPLE_TOKENS} new tokens (`</s>` ends a document; generation goes on past it): "
+                  f"{sample['text']!r}", ""]
     elif peri is not None:
         lines += ["## Hugging Face export", "", f"Not exported: Peri-LN {peri.status} ({peri.message}).", ""]
     report = out / "report.md"
