@@ -266,10 +266,16 @@ class ParamGather:
 
 
 def _forward_step(data_iterator, model, diagnostics=None):
+    from megatron.core.utils import unwrap_model
+
     batch = next(data_iterator)
+    chunk = unwrap_model(model)
+    if not (chunk.pre_process or chunk.post_process):  # a middle pipeline stage reads its input from the previous one
+        return model(None, None, None), None
     dev = runtime.device()
     batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"] if chunk.pre_process else None, batch["position_ids"] if chunk.pre_process else None,
+                   None, labels=batch["labels"] if chunk.post_process else None)
 
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].float()
@@ -291,7 +297,7 @@ def run_schedule(chunks, batches, iteration, recipe, forward_only: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro = list(batches.for_iteration(iteration))
+    micro = batches.get(iteration, prefetch_next=not forward_only)
     if len(chunks) == 1:
         data_iterator = iter(micro)
     else:  # the interleaved schedule draws from one iterator per chunk
@@ -317,7 +323,9 @@ def model_flops_per_token(recipe: Recipe, vocab: int) -> float:
 def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) -> int:
     from megatron.core import parallel_state as ps
 
-    from periln_megatron.data import MicroBatches, build_datasets
+    from megatron.core.utils import unwrap_model
+
+    from periln_megatron.data import BatchPrefetcher, MicroBatches, build_datasets
     from periln_megatron.metrics import MetricsLog
 
     p, t = recipe.parallel, recipe.train
@@ -352,9 +360,12 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     true_vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
-    train_batches = MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, true_vocab)
-    valid_batches = (MicroBatches(valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, true_vocab)
-                     if valid_ds else None)
+    needs_data = any(unwrap_model(c).pre_process or unwrap_model(c).post_process for c in chunks)
+    pin = torch.cuda.is_available()
+    train_batches = BatchPrefetcher(MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                                                 true_vocab), needs_data, pin)
+    valid_batches = (BatchPrefetcher(MicroBatches(valid_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                                                  true_vocab), needs_data, pin) if valid_ds else None)
 
     ckpt_root = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else None
     iteration = 0
@@ -470,6 +481,9 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
         return EXIT_FINISHED
     finally:
         metrics.close()
+        for prefetcher in (train_batches, valid_batches):
+            if prefetcher is not None:
+                prefetcher.close()
         if async_queue is not None:
             async_queue.close()
 
