@@ -98,9 +98,11 @@ def test_classifier_reproduced_when_the_numbers_favour_peri_ln(tmp_path):
     # where the massive activation sits: its layer, the sublayer that writes it, the dimensions
     pre = demo.summarise_run(tmp_path / "pre")
     peak = demo.peak(pre)
-    assert (peak["layer"], peak["first_layer"], peak["sublayer"], peak["dim"]) == (4, 1, "MLP", 7)
+    assert (peak["layer"], peak["half_layer"], peak["dim"]) == (4, 1, 7)
+    assert peak["write"] == {"value": 800.0, "layer": 1, "sublayer": "MLP"}
     (line,) = demo.activation_lines(pre)
-    assert "first appears at layer 1, whose MLP output reaches 800" in line and "7 (50.0%)" in line
+    assert "reaches half of that at layer 1" in line and "7 (50.0%)" in line
+    assert "The largest single write is layer 1's MLP output, max|act| 800 before the residual add." in line
     assert "a token's sum of squares exceeds 65504" in line and "from layer 1 on" in line
 
 
@@ -165,7 +167,10 @@ def test_warnings_for_too_many_epochs_and_overfitting(tmp_path):
 def test_degeneracy():
     assert demo.degeneracy([]) == "empty continuation"
     assert demo.degeneracy([5] * 32) == "one token makes up 32 of 32 generated tokens"
-    assert "it loops" in demo.degeneracy([1, 2, 3, 4, 5, 6] * 5)
+    assert demo.degeneracy([1, 2, 3, 4, 5, 6] * 5) == "22 of its 28 3-grams repeat an earlier one (it repeats itself)"
+    # 7 of 30 3-grams repeated: under a quarter; 8 of 31: degenerate
+    assert demo.degeneracy(list(range(100, 123)) + [100, 101, 102, 103, 104, 105, 106, 107, 108]) is None
+    assert "8 of its 31 3-grams" in demo.degeneracy(list(range(100, 123)) + list(range(100, 109)) + [109])
     assert demo.degeneracy(list(range(32))) is None
     assert demo.degeneracy([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 11, 12, 13]) is None
     # a varied start that ends in a 3-token loop ("the same as the same as ...")
@@ -193,7 +198,7 @@ def test_corpus_holds_back_documents_and_the_prompt_is_their_start(tmp_path):
 def test_arguments():
     args = demo.parse_args(["--lr", "3e-2", "--sweep", "1e-2,1e-1", "--steps", "40", "--seeds", "2", "--hidden", "128"])
     assert (args.lr, args.sweep, args.steps, args.sweep_steps, args.seeds) == (0.03, [0.01, 0.1], 40, 40, 2)
-    assert args.ffn == 344 and args.layers == demo.PRESETS["default"]["layers"]
+    assert args.ffn == 352 and args.layers == demo.PRESETS["default"]["layers"]  # the preset's FFN ratio, 176 / 64
     keys = [j.key for j in demo.plan(args)]
     assert keys == ["peri", "pre", "peri_seed1235", "pre_seed1235", "peri_lr0.01", "pre_lr0.01", "peri_lr0.1",
                     "pre_lr0.1"]
