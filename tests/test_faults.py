@@ -363,8 +363,8 @@ def test_plot_skips_the_truncated_last_line_of_a_killed_run(trained, tmp_path):
 
 
 def test_plot_keeps_records_a_resumed_run_appended_after_a_truncated_line(trained, tmp_path):
-    """A run killed mid-write and then resumed appends its next record to the cut line; the cut
-    part is dropped with a warning naming file and line, the resumed record is kept."""
+    """A run killed mid-write and then resumed: the trainer starts a new line after the cut one; the
+    cut record is dropped with a warning naming file and line, the resumed records are kept."""
     run_dir = tmp_path / "ckpt"
     shutil.copytree(trained, run_dir)
     metrics = run_dir / "metrics.jsonl"
@@ -374,12 +374,12 @@ def test_plot_keeps_records_a_resumed_run_appended_after_a_truncated_line(traine
     run_torchrun(1, ["-m", "periln_megatron.train", "--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set",
                      f"checkpoint.dir={run_dir}", "train.steps=6", "checkpoint.interval=2",
                      "logging.tensorboard=false"], timeout=240)
-    merged = metrics.read_text().splitlines()[n - 1]
-    assert not merged.startswith('{"step": 5') and '{"step": 5' in merged  # the trainer appended to the cut line
+    lines = metrics.read_text().splitlines()
+    assert '{"step": 5' not in lines[n - 1] and lines[n].startswith('{"step": 5')  # a new line after the cut one
     r = _plot(run_dir, out=tmp_path / "plots")
     assert r.returncode == 0, r.stdout
     warnings = _errors(r.stdout, "plot_diagnostics: warning:")
-    assert len(warnings) == 1 and f"{metrics}:{n}:" in warnings[0] and "step 5" in warnings[0], r.stdout
+    assert len(warnings) == 1 and f"{metrics}:{n}:" in warnings[0] and "cut off" in warnings[0], r.stdout
 
 
 def test_plot_still_refuses_corruption_in_the_middle(trained, tmp_path):

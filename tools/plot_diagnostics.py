@@ -106,6 +106,11 @@ class Run:
                     warn(f"{path}:{lineno}: last line cut off (the run was killed while writing it?), skipped")
                     continue
                 record = _appended_after_cut(line)
+                # cut by a kill (printable text, as json.dumps writes); the trainer resumed on a new line
+                if record is None and line.startswith(RECORD_START) and line.isprintable():
+                    warn(f"{path}:{lineno}: a record cut off by a killed run (the resumed run went on at the next "
+                         "line), skipped")
+                    continue
                 if record is None:
                     raise PlotError(f"{path}:{lineno}: invalid JSON: {e}") from None
                 warn(f"{path}:{lineno}: a cut-off record (the run was killed while writing it) followed by the record "
