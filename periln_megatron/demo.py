@@ -770,7 +770,7 @@ def export_and_sample(out: Path, ckpt: Path, prompt: str) -> dict:
     verdict = degeneracy(new)
     log(f"{type(model).__name__} greedy sample: {text!r} ({'degenerate: ' + verdict if verdict else 'not degenerate'})")
     return {"model": f"{type(model).__name__} ({model.config.model_type})", "dir": hf_dir.name, "prompt": prompt,
-            "text": text, "new_tokens": len(new), "degenerate": verdict}
+            "text": text, "ids": new, "new_tokens": len(new), "degenerate": verdict}
 
 
 # ----------------------------------------------------------------------------- report

@@ -250,7 +250,9 @@ def test_reduced_demo(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf_peri_ln")
     assert model.config.model_type == "hyperclovax" and model.config.num_hidden_layers == LAYERS
-    assert "Greedy, 32 new tokens (" in report
+    assert "Greedy, 32 new tokens (" in report and repr(summary["sample"]["text"]) in report
+    verdict = "no" if demo.degeneracy(summary["sample"]["ids"]) else "yes"
+    assert f"non-degenerate greedy sample: {verdict}.**" in report
 
     # re-running resumes: nothing is retrained, the report is rewritten
     again = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=600)
