@@ -12,8 +12,8 @@
 6. the Peri-LN checkpoint exported to Hugging Face, loaded with stock transformers, sampled greedily.
 
 Everything lands in --out. Re-running resumes: finished stages and runs are kept, an unfinished run
-continues from its checkpoint. --fresh starts over. The budget: the default preset runs in about
-10 minutes on 2 idle cores (docs/demo_search.md has the measurements behind the defaults).
+continues from its checkpoint. --fresh starts over. The budget: the default preset takes about 15
+CPU-minutes, 8 to 9 minutes on 2 idle cores (docs/demo_search.md has the measurements behind it).
 """
 
 from __future__ import annotations
@@ -913,8 +913,10 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     if sample is not None:
         lines += ["## Hugging Face export", "",
-                  f"{sample['model']} from `{sample['dir']}/`. Prompt: the first {PROMPT_WORDS} words of held-back "
-                  f"document {sample['doc']} of `heldout.jsonl` (never trained on), {sample['prompt']!r}; the "
+                  f"{sample['model']} from `{sample['dir']}/`. Prompt: the first {PROMPT_WORDS} words of document "
+                  f"{sample['doc']} (counted from 0) of `heldout.jsonl`, the held-back documents, never trained on "
+                  f"(the first to start with {PROMPT_WORDS} plain words, or to be long enough if none does): "
+                  f"{sample['prompt']!r}; the "
                   f"document goes on {sample['truth']!r}.", "",
                   f"Greedy, {SAMPLE_TOKENS} new tokens (`</s>` ends a document; generation goes on past it): "
                   f"{sample['text']!r}", ""]
