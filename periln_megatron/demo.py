@@ -383,21 +383,36 @@ def parallel_check(args, out: Path, source: Path, steps: int) -> dict:
 
 # ----------------------------------------------------------------------------- reading a run
 
+RECORD_START = '{"step": '  # how the trainer's json.dumps(record) begins
+
+
 def read_metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> merged record; a cut-off last line (killed run) is skipped."""
+    """step -> merged record (a resumed run's later lines override). A record cut off by a killed run
+    (last line, or mid-file where the resumed run went on) is skipped; a resumed run's record appended
+    to a cut line is kept. Other damage is an error naming file:line."""
     out: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return out
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):
+            if not line.startswith(RECORD_START):
+                raise SystemExit(f"demo: {path}:{n}: invalid JSON")
+            start = line.rfind(RECORD_START)
+            try:
+                record = json.loads(line[start:]) if start > 0 else None
+            except json.JSONDecodeError:
+                record = None
+            if record is None:
+                log(f"warning: {path}:{n}: a record cut off by a killed run, skipped")
                 continue
-            raise SystemExit(f"demo: {path}:{n}: invalid JSON")
-        out.setdefault(record["step"], {}).update(record)
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.setdefault(record["step"], {}).update(record)
     return dict(sorted(out.items()))
 
 

@@ -164,6 +164,18 @@ def test_warnings_for_too_many_epochs_and_overfitting(tmp_path):
     assert loss.evidence.endswith("Peri-LN's validation loss was the lower one at 2 of 4 evaluations (steps 60, 80).")
 
 
+def test_metrics_of_a_killed_and_resumed_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 6.0}\n{"step": 2, "lo\n'              # cut by a kill, resumed on the next line
+        '{"step": 2, "loss": 5.9}\n{"step": 3, "loss": 5.{"step": 3, "loss": 5.8}\n'  # cut, appended to
+        '{"step": 4, "loss": 5.7}\n{"step": 5, "lo')                 # cut last line
+    assert demo.read_metrics(tmp_path) == {s: {"step": s, "loss": l} for s, l in ((1, 6.0), (2, 5.9), (3, 5.8),
+                                                                                   (4, 5.7))}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\ngarbage\n{"step": 2, "loss": 5.9}\n')
+    with pytest.raises(SystemExit, match="metrics.jsonl:2: invalid JSON"):
+        demo.read_metrics(tmp_path)
+
+
 def test_degeneracy():
     assert demo.degeneracy([]) == "empty continuation"
     assert demo.degeneracy([5] * 32) == "one token makes up 32 of 32 generated tokens"
