@@ -122,7 +122,7 @@ class PrefixWriter:
 
     Data goes to ``PREFIX.bin.tmp-PID`` / ``PREFIX.idx.tmp-PID``; ``commit()`` finalizes, removes
     any old ``PREFIX.idx`` first, renames ``.bin`` then ``.idx``; ``abort()`` removes the temporaries.
-    Each document is one sequence; ``add_documents`` appends many in one contiguous write.
+    ``add_documents`` (one sequence each) and ``add_sequences`` append many in one contiguous write.
     """
 
     def __init__(self, prefix: str | Path, vocab_size: int):
@@ -139,15 +139,21 @@ class PrefixWriter:
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as all their tokens concatenated plus the length of each."""
-        if len(lengths) == 0:
+        self.add_sequences(tokens, lengths, np.ones(len(lengths), dtype=np.int64))
+
+    def add_sequences(self, tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> None:
+        """Append documents as megatron-core's ``add_document`` does, many at once: all their tokens
+        concatenated, the tokens of each sequence, the sequences of each document (0: a document of
+        no sequences)."""
+        if len(counts) == 0:
             return
         b = self.builder
         b.data_file.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))
         n = len(b.sequence_lengths)
         b.sequence_lengths.extend(lengths.tolist())
-        b.document_indices.extend(range(n + 1, n + 1 + len(lengths)))
-        self.num_documents += len(lengths)
-        self.num_tokens += int(lengths.sum())
+        b.document_indices.extend((n + np.cumsum(counts, dtype=np.int64)).tolist())
+        self.num_documents += len(counts)
+        self.num_tokens += len(tokens)
 
     def commit(self) -> tuple[int, int]:
         """Finalize, check, rename into place; return (num_documents, num_tokens)."""

@@ -467,21 +467,6 @@ def check_writable(flag: str, path: str) -> None:
         raise InputError(f"{flag} {path}: cannot write there: directory {probe} is not writable")
 
 
-def add_sequences(writer: PrefixWriter, tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> None:
-    """Append documents to `writer` as megatron-core's ``add_document`` does, many at once: all their
-    tokens concatenated, the tokens of each sequence, the sequences of each document (0: a document
-    of no sequences)."""
-    if len(counts) == 0:
-        return
-    b = writer.builder
-    b.data_file.write(memoryview(np.ascontiguousarray(tokens, dtype=writer.dtype)))
-    n = len(b.sequence_lengths)
-    b.sequence_lengths.extend(lengths.tolist())
-    b.document_indices.extend((n + np.cumsum(counts, dtype=np.int64)).tolist())
-    writer.num_documents += len(counts)
-    writer.num_tokens += len(tokens)
-
-
 def select_documents(tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray, mask: np.ndarray):
     """The documents where `mask` is true, as (tokens, tokens per sequence, sequences per document)."""
     seq_mask = np.repeat(mask, counts)
@@ -503,7 +488,7 @@ class KeyOutput:
         self.merged: PrefixWriter | None = None
 
     def add(self, tokens, lengths, counts, part: int = 0) -> None:
-        add_sequences(self.parts[part], tokens, lengths, counts)
+        self.parts[part].add_sequences(tokens, lengths, counts)
 
     def commit(self) -> tuple[int, int]:
         """Finalize (merge), check, rename into place; return (num_documents, num_tokens)."""
