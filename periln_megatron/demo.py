@@ -561,6 +561,15 @@ def _other_lrs(runs: list[RunSummary], lr: float, what: str) -> str:
     return f" At the other learning rates (the verdict is lr {lr:g}'s): {'; '.join(parts)}."
 
 
+def _loss_verdict(peri: float, pre: float, tol: float) -> tuple[str, str]:
+    """(status, sentence end) for "Peri-LN's loss is equal or lower", within `tol` nats."""
+    if peri < pre - tol:
+        return "reproduced", f", lower by more than the tolerance {tol:.3f}."
+    if peri <= pre + tol:
+        return "reproduced", f", equal within the tolerance {tol:.3f} (not lower)."
+    return "not reproduced", f", higher by more than the tolerance {tol:.3f}."
+
+
 def loss_tolerance(peri: list[RunSummary], pre: list[RunSummary]) -> float:
     """LOSS_TOLERANCE, or with several seeds twice the larger seed-to-seed standard deviation if that is more."""
     spreads = [statistics.stdev(x) for x in ([r.valid_loss for r in peri if r.valid_loss is not None],
@@ -628,13 +637,8 @@ def classify(runs: list[RunSummary], lr: float) -> list[Finding]:
         mp, mq = statistics.mean(lp), statistics.mean(lq)
         seeds = f" (mean of {len(lp)} / {len(lq)} seeds)" if max(len(lp), len(lq)) > 1 else ""
         evidence = f"Peri-LN {mp:.4f}, Pre-LN {mq:.4f}{seeds}: Peri-LN is {mp - mq:+.4f} nats"
-        if mp < mq - tol:
-            status, evidence = "reproduced", evidence + f", lower by more than the tolerance {tol:.3f}."
-        elif mp <= mq + tol:
-            status, evidence = "reproduced", evidence + f", equal within the tolerance {tol:.3f} (not lower)."
-        else:
-            status, evidence = "not reproduced", evidence + f", higher by more than the tolerance {tol:.3f}."
-        findings.append(Finding(name, status, evidence + _curves(peri, pre)))
+        status, verdict = _loss_verdict(mp, mq, tol)
+        findings.append(Finding(name, status, evidence + verdict + _curves(peri, pre)))
 
     # 4. stability over the learning rates tried
     name = "Pre-LN is less stable (divergence, loss spikes) where Peri-LN trains fine"
@@ -696,13 +700,8 @@ def sweep_findings(runs: list[RunSummary], lr: float) -> list[Finding]:
     name = "Peri-LN reaches an equal or lower validation loss, each model at its best learning rate"
     evidence = (f"Over the {where}: Peri-LN {_loss(bp)} (lr {best['peri']:g}), Pre-LN {_loss(bq)} "
                 f"(lr {best['pre']:g}): Peri-LN is {bp - bq:+.4f} nats")
-    if bp < bq - LOSS_TOLERANCE:
-        status, evidence = "reproduced", evidence + f", lower by more than the tolerance {LOSS_TOLERANCE:.3f}."
-    elif bp <= bq + LOSS_TOLERANCE:
-        status, evidence = "reproduced", evidence + f", equal within the tolerance {LOSS_TOLERANCE:.3f} (not lower)."
-    else:
-        status, evidence = "not reproduced", evidence + f", higher by more than the tolerance {LOSS_TOLERANCE:.3f}."
-    out = [Finding(name, status, evidence)]
+    status, verdict = _loss_verdict(bp, bq, LOSS_TOLERANCE)
+    out = [Finding(name, status, evidence + verdict)]
 
     spread = {p: max(loss[p][x] for x in lrs) - min(loss[p][x] for x in lrs) for p, _ in PLACEMENTS}
     name = "Peri-LN is less sensitive to the learning rate"
