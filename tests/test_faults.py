@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -677,11 +678,10 @@ def tiny_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root (make test runs as root in CI)")
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess_run = __import__("subprocess").run
-    if subprocess_run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("this kernel refuses tmpfs mounts here")
     yield disk
-    subprocess_run(["umount", "-l", str(disk)])
+    subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_disk, tmp_path):

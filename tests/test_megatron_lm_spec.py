@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mcore_single import single_process  # noqa: F401 - autouse fixture
+from te_spec_checks import assert_te_layer_slots
 
 from periln_megatron import megatron_lm, runtime, specs
 from periln_megatron.model import build_gpt_model, transformer_config
@@ -108,24 +109,12 @@ def _classes(spec) -> set:
 def test_te_specs_reference_te_classes():
     """The te specs name megatron's TE wrappers (placeholders here without TE), the local ones none."""
     from megatron.core.extensions import transformer_engine as te_ext
-    from megatron.core.transformer.identity_op import IdentityOp
 
     te_classes = {te_ext.TENorm, te_ext.TELayerNormColumnParallelLinear, te_ext.TEColumnParallelLinear,
                   te_ext.TERowParallelLinear, te_ext.TEDotProductAttention}
     for placement in megatron_lm.PLACEMENTS:
         layer = fetch_spec(f"{placement}_te").submodules
-        attn, mlp = layer.self_attention.submodules, layer.mlp.submodules
-        assert attn.core_attention is te_ext.TEDotProductAttention
-        assert layer.input_layernorm is IdentityOp and layer.pre_mlp_layernorm is IdentityOp
-        fused = te_ext.TELayerNormColumnParallelLinear if placement in ("peri", "pre") else te_ext.TEColumnParallelLinear
-        assert attn.linear_qkv is fused and mlp.linear_fc1 is fused, placement
-        for out in (attn.linear_proj, mlp.linear_fc2):
-            if placement in ("peri", "output"):
-                assert out.module is specs.RowParallelLinearWithOutNorm
-                assert out.params["linear"] is te_ext.TERowParallelLinear
-                assert out.submodules.out_norm is te_ext.TENorm
-            else:
-                assert out is te_ext.TERowParallelLinear
+        assert_te_layer_slots(layer, placement)
         local = _classes(fetch_spec(f"{placement}_local"))
         assert not local & te_classes, placement
         assert specs.LocalNorm in local, placement

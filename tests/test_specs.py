@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mcore_single import single_process  # noqa: F401 - autouse fixture
+from te_spec_checks import assert_te_layer_slots
 from reference_model import RefGPT, load_megatron_state
 
 from periln_megatron import runtime, specs
@@ -105,22 +106,10 @@ def test_weight_decay_skips_norm_gains():
 def test_te_spec_structure_without_te():
     """The te spec's slots name megatron's TE wrappers (importable here as placeholders)."""
     from megatron.core.extensions import transformer_engine as te_ext
-    from megatron.core.transformer.identity_op import IdentityOp
 
     for placement in specs.PLACEMENTS:
         layer = specs.get_layer_spec(make_config(), placement, "te").submodules
-        attn, mlp = layer.self_attention.submodules, layer.mlp.submodules
-        assert attn.core_attention is te_ext.TEDotProductAttention
-        assert layer.input_layernorm is IdentityOp and layer.pre_mlp_layernorm is IdentityOp
-        fused = te_ext.TELayerNormColumnParallelLinear if placement in ("peri", "pre") else te_ext.TEColumnParallelLinear
-        assert attn.linear_qkv is fused and mlp.linear_fc1 is fused, placement
-        for out in (attn.linear_proj, mlp.linear_fc2):
-            if placement in ("peri", "output"):
-                assert out.module is specs.RowParallelLinearWithOutNorm
-                assert out.params["linear"] is te_ext.TERowParallelLinear
-                assert out.submodules.out_norm is te_ext.TENorm
-            else:
-                assert out is te_ext.TERowParallelLinear
+        assert_te_layer_slots(layer, placement)
         if placement == "post":
             assert layer.self_attn_bda.module is specs.NormAfterAdd
             assert layer.self_attn_bda.submodules.norm is te_ext.TENorm
