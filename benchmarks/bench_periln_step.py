@@ -14,20 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import time
 
 import torch
 
 from periln_megatron import runtime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -52,8 +44,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    runtime.initialize(runtime.ParallelLayout(), seed=0)
+    runtime.initialize(runtime.ParallelLayout(), seed=0, dist_env=runtime.SINGLE_PROCESS)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -32,6 +32,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 
+class RendezvousError(RuntimeError):
+    pass
+
+
 class LayoutError(ValueError):
     """A parallel layout that cannot work with this world size or model; `key` is the recipe key to fix."""
 
@@ -62,8 +66,8 @@ def first_host(nodelist: str) -> str:
 
 
 def _master_port(env, world_size: int, default: int) -> int:
-    """MASTER_PORT if the launcher set it. Else 0 for a world of one, where nobody else connects:
-    the store then listens on any free port, so unrelated single-process runs share a machine."""
+    """MASTER_PORT if the launcher set it. Else 0 for a world of one, which listens on no port
+    (`initialize` gives it an in-process store), so unrelated single-process runs share a machine."""
     if env.get("MASTER_PORT"):
         return int(env["MASTER_PORT"])
     return 0 if world_size == 1 else default
@@ -96,6 +100,10 @@ def read_dist_env(environ=None) -> DistEnv:
             launcher="slurm",
         )
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _master_port(env, 1, 29500), "single")
+
+
+# A world of one in this process, whatever the environment says (converters, tests).
+SINGLE_PROCESS = DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 @dataclass(frozen=True)
@@ -303,13 +311,25 @@ def initialize(
     else:
         cpu_shims()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=distributed_timeout_minutes),
-        )
+        if env.world_size == 1:  # nobody connects: an in-process store, no port to collide on
+            rendezvous = {"store": torch.distributed.HashStore()}
+        else:
+            rendezvous = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
+        try:
+            torch.distributed.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                **rendezvous,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(minutes=distributed_timeout_minutes),
+            )
+        except torch.distributed.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise RendezvousError(
+                f"rank 0 cannot listen on {env.master_addr}:{env.master_port} for the rendezvous: the port is in use "
+                f"(another job on this node, or a MASTER_PORT left in the environment). Set MASTER_PORT to a free port."
+            ) from e
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,

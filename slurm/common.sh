@@ -318,6 +318,11 @@ periln_main() {
     periln_env
     periln_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_RESTART_COUNT:-0}:" \
         "${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-?}], ${SLURM_NTASKS:-?} task(s), master $MASTER_ADDR"
+    if [ -n "${MASTER_PORT:-}" ]; then
+        periln_log "rendezvous port $MASTER_PORT: MASTER_PORT from the environment (sbatch exports the submitting shell's)"
+    else
+        periln_log "rendezvous port $((20000 + ${SLURM_JOB_ID:-0} % 20000)) (20000 + job id % 20000; set MASTER_PORT to pin it)"
+    fi
     periln_log "recipe $RECIPE, checkpoints $CKPT_DIR${CONTAINER_IMAGE:+, container $CONTAINER_IMAGE}"
     if [ -n "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]; then
         periln_log "socket interfaces: GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-unset} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-unset}"

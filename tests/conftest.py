@@ -3,3 +3,21 @@ from pathlib import Path
 
 # tests import their helpers (launch.py, reference models) as top-level modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+# What a test process leaves here, every later subprocess inherits: a MASTER_PORT that an in-process
+# store still holds made the next tests' trainers and Slurm jobs fail with EADDRINUSE.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+_AT_START = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def launcher_variables_unchanged():
+    yield
+    now = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+    assert now == _AT_START, f"a test or fixture changed the pytest process's launcher variables: {_AT_START} -> {now}"

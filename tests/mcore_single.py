@@ -3,11 +3,7 @@
     from mcore_single import single_process  # noqa: F401 - autouse: initialises the module's tests
 """
 
-import os
-
 import pytest
-
-from launch import free_port
 
 from periln_megatron import runtime
 
@@ -20,7 +16,6 @@ def single_process():
         assert parallel_state.get_tensor_model_parallel_world_size() == 1
         yield
         return
-    os.environ["MASTER_PORT"] = str(free_port())
-    runtime.initialize(runtime.ParallelLayout(), seed=0)
+    runtime.initialize(runtime.ParallelLayout(), seed=0, dist_env=runtime.SINGLE_PROCESS)
     yield
     runtime.shutdown()

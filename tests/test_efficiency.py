@@ -256,12 +256,18 @@ def test_memory_estimate_follows_megatron_lm_rules():
     assert (fused, unfused) == (tokens * (V * 2 + h * 2), tokens * (V * 6 + h * 2))
 
 
-def _peak_rss(args: list[str], timeout: float = 420) -> int:
-    """Peak RSS in bytes of one trainer process (os.wait4's ru_maxrss of exactly that child)."""
+def _peak_anonymous_memory(args: list[str], timeout: float = 420) -> int:
+    """Peak anonymous resident memory in bytes of one trainer process, sampled from /proc every
+    millisecond. Not ru_maxrss: that counts the file-backed pages of libtorch too, which the kernel
+    drops from a process under page-cache pressure (earlier tests write gigabytes of checkpoints),
+    so a loaded machine measured the model 17% below its tensors."""
     import os
+    import re
     import signal
     import subprocess
     import threading
+    import time
+    from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            # glibc keeps freed heap blocks below its (growing) mmap threshold mapped: RSS would count
@@ -270,16 +276,34 @@ def _peak_rss(args: list[str], timeout: float = 420) -> int:
            "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.Popen([sys.executable, "-m", "periln_megatron.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        status = Path(f"/proc/{proc.pid}/status")
+        while not done.is_set():
+            try:
+                text = status.read_text()
+            except OSError:
+                return
+            anon = re.search(r"^RssAnon:\s+(\d+) kB", text, re.M)
+            if anon:
+                peak = max(peak, int(anon.group(1)) * 1024)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     timer.start()
     try:
         out = proc.stdout.read().decode(errors="replace")
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
     finally:
+        done.set()
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.join()
     assert proc.returncode == 0, out[-4000:]
-    return usage.ru_maxrss * 1024
+    return peak
 
 
 # A tiny model for the baseline: the interpreter, torch, megatron-core, the data pipeline.
@@ -291,7 +315,7 @@ RSS_TOLERANCE = 0.08
 
 
 def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
-    """The trainer's peak RSS on CPU, single process, minus a tiny model's, against the estimate's
+    """The trainer's peak anonymous memory on CPU, single process, minus a tiny model's, against the estimate's
     difference (device cpu: the unfused CPU implementation). Counted on both sides: the parameters,
     the DDP gradient buffer, Adam's state (allocated at the first step: the runs take two), the
     activations autograd keeps, the loss over the logits. Not estimated, so subtracted through the
@@ -306,7 +330,7 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
     for name, sets in {"baseline": RSS_BASELINE, "peri-fp32": RSS_SHAPE,
                        "pre-bf16": [*RSS_SHAPE, "model.placement=pre", "precision.preset=bf16"]}.items():
         args = ["--recipe", TINY, "--set", *common, *sets, f"logging.run_dir={tmp_path / name}"]
-        measured = _peak_rss(args)
+        measured = _peak_anonymous_memory(args)
         estimated = estimate(recipe(TINY, *common, *sets), 1, device="cpu").peak.total
         peaks[name] = (measured, estimated)
     base_measured, base_estimated = peaks.pop("baseline")

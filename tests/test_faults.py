@@ -541,7 +541,7 @@ def test_single_process_run_does_not_need_port_29500(tmp_path):
 
     from periln_megatron.runtime import read_dist_env
 
-    assert read_dist_env({}).master_port == 0  # any free port
+    assert read_dist_env({}).master_port == 0  # no port: an in-process store
     assert read_dist_env({"MASTER_PORT": "1234"}).master_port == 1234
     assert read_dist_env({"RANK": "0", "WORLD_SIZE": "2"}).master_port == 29500  # every rank must agree
     with socket.socket() as busy:
@@ -554,6 +554,27 @@ def test_single_process_run_does_not_need_port_29500(tmp_path):
         proc = _spawn([*TRAIN_MODULE, "--set", "train.steps=3", f"checkpoint.dir={tmp_path / 'ckpt'}"], log)
         assert wait_all([proc], timeout=240) == [0], log.read_text()[-3000:]
     assert "1 ranks (single)" in log.read_text()
+
+
+def test_rendezvous_port_in_use_names_the_port(tmp_path):
+    """Rank 0 of a two-rank world whose MASTER_PORT another process listens on exits 1 with a line
+    that names the address and says what to set, not torch's store traceback alone."""
+    import socket
+
+    from launch import wait_all
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        log = tmp_path / "train.log"
+        proc = _spawn([*TRAIN_MODULE, "--set", "train.steps=3", "checkpoint.dir=null"], log,
+                      env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)})
+        assert wait_all([proc], timeout=120) == [1], log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"RendezvousError: rank 0 cannot listen on 127.0.0.1:{port}" in text, text[-3000:]
+    assert "Set MASTER_PORT to a free port" in text
 
 
 @pytest.mark.parametrize("key,lock", [("checkpoint.dir", "flock"), ("logging.run_dir", "lease")])

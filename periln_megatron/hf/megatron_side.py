@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import torch
 
 
 def init_single_process(seed: int = 1234) -> None:
-    """megatron-core's parallel state at world size 1 (a private TCP port on 127.0.0.1)."""
+    """megatron-core's parallel state at world size 1 (an in-process store: no port, no environment
+    variables left behind for the caller's later subprocesses)."""
     from periln_megatron import runtime
 
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-            os.environ[k] = v
-    runtime.initialize(runtime.ParallelLayout(), seed=seed)
+    runtime.initialize(runtime.ParallelLayout(), seed=seed, dist_env=runtime.SINGLE_PROCESS)
 
 
 def single_process_recipe(recipe):
