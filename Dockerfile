@@ -36,6 +36,10 @@ WORKDIR /opt/periln-megatron
 # * The rest of pyproject.toml's runtime dependencies: pinned exact where NGC does not ship the
 #   package; range-only where the image already has it (pyyaml, numpy, psutil, matplotlib), so the
 #   image's version (constraint-pinned) is kept and pip does nothing.
+# * wandb (logging.wandb_project) and nltk (preprocess_data.py --split-sentences) are optional at run
+#   time but used on clusters, so the image has them. lm-eval (tools/evaluate.py) is not: its
+#   dependency tree (datasets, accelerate, evaluate, ...) would fight the image's constraints; run the
+#   evaluation where `pip install "lm-eval[hf]"` is allowed to resolve, on an exported HF directory.
 RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine[^=]*|apex|triton|pytorch[-_]triton)==' \
         > /tmp/pinned-before.txt \
  && pip install --no-deps megatron-core==0.16.1 \
@@ -44,6 +48,8 @@ RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine[^=]*|apex
         safetensors==0.8.0 \
         sentencepiece==0.2.3 \
         tiktoken==0.14.0 \
+        wandb==0.31.0 \
+        nltk==3.10.4 \
         "pyyaml>=6" \
         "numpy>=1.26" \
         "psutil>=5.9" \
