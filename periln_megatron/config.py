@@ -43,10 +43,14 @@ class ModelConfig:
     attention_dropout: float = 0.0
     recompute: str = "none"  # none | selective | full
     recompute_num_layers: int = 1
-    # On a GPU: the fused cross-entropy (Transformer Engine's kernel where TE is installed, which
-    # keeps the logits' gradient in the BF16 logits instead of an FP32 softmax copy; else
-    # megatron-core's native fused one). Off on CPU. false: megatron's unfused loss (deterministic).
+    # On a GPU in bf16/fp8: megatron-core's fused cross-entropy (same FP32 softmax and gradient as the
+    # unfused loss, fewer kernels). fp32/fp16 runs and CPU use the unfused loss (the native kernel
+    # rounds its gradient to bf16). false: megatron's unfused loss everywhere (deterministic).
     cross_entropy_fusion: bool = True
+    # native | te. te: Transformer Engine's kernel (logits' gradient kept in the bf16 logits buffer:
+    # one fp32 softmax copy less), allowed only with TE >= 2.18, whose backward is FP32; older TE
+    # rounds the target token's gradient through bf16, and Megatron-LM disabled it for stability.
+    cross_entropy_fusion_impl: str = "native"
 
     @property
     def ffn_size(self) -> int:
@@ -346,6 +350,7 @@ CHOICES = {
     "model.backend": ("local", "te"),
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.recompute": ("none", "selective", "full"),
+    "model.cross_entropy_fusion_impl": ("native", "te"),
     "precision.preset": ("fp32", "bf16", "fp16", "fp8"),
     "precision.fp8_format": ("hybrid", "e4m3"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),

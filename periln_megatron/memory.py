@@ -9,7 +9,7 @@ tensor by tensor for this repository's layers (Peri-LN's output norms, SwiGLU, n
 and the implementation that runs (`device`):
 
   gpu   the cluster image: Transformer Engine (flash attention, fused norm+linear, TE's
-        cross-entropy when model.cross_entropy_fusion), apex (fused wgrad accumulation, the
+        cross-entropy only when model.cross_entropy_fusion_impl: te), apex (fused wgrad accumulation, the
         masked-softmax kernel of the local attention), the fused SwiGLU - the fusions
         train.transformer_config_kwargs enables there. The TE terms follow what TE's modules
         keep; tools/gpu_smoke.py checks them against torch.cuda.max_memory_allocated.
@@ -18,6 +18,8 @@ and the implementation that runs (`device`):
 
 With the local backend on either device the unfused attention keeps the s x s probabilities and a
 local RMSNorm (torch's composite op) keeps fp32 copies of its input and of the normalised output.
+A stage's output is freed once sent to the next stage (deallocate_pipeline_outputs, as in
+Megatron-LM), so in-flight microbatches hold only their saved activations, counted below.
 Only the first and the last pipeline stage are reported: the first holds the most microbatches
 and the input embedding, the last the LM head and the loss; the stages between hold less.
 
@@ -186,6 +188,9 @@ def estimate(recipe: Recipe, gpus: int, device: str = "gpu", have_te: bool = Tru
     notes = []
     stages = []
     layers_per_stage = m.num_layers // pp
+    # TE's kernel writes the gradient into the logits buffer (train.cross_entropy_choice allows it
+    # only when asked for, with TE >= 2.18); megatron's native one keeps an fp32 softmax as the unfused.
+    te_cross_entropy = (not cpu and have_te and m.cross_entropy_fusion and m.cross_entropy_fusion_impl == "te")
     for stage in sorted({0, pp - 1}):
         first, last = stage == 0, stage == pp - 1
         n = layers_per_stage * per_layer
@@ -217,8 +222,7 @@ def estimate(recipe: Recipe, gpus: int, device: str = "gpu", have_te: bool = Tru
         logits = 0.0
         if last:  # the final norm (none for post) and the LM head's input
             act += tokens * ((norm_bytes(recipe) if m.placement != "post" else 0) + h * e) / sp_div
-            fused_te = not cpu and have_te and m.cross_entropy_fusion
-            ce_bytes = 2 if fused_te else (4 if prec == "fp32" else 6)
+            ce_bytes = 2 if te_cross_entropy else (4 if prec == "fp32" else 6)
             logits = tokens * vocab / tp * ce_bytes
             if cpu or not have_apex:  # the LM head's weight gradient is a temporary before the DDP buffer
                 logits += embedding * param_bytes
@@ -228,8 +232,8 @@ def estimate(recipe: Recipe, gpus: int, device: str = "gpu", have_te: bool = Tru
                                   activations=act, logits=logits, recompute=rebuilt))
     if m.backend == "local" and not cpu:
         notes.append("local backend: unfused attention keeps the s x s scores (the te backend's flash attention does not)")
-    if not cpu and not (have_te and m.cross_entropy_fusion):
-        notes.append("unfused cross-entropy: fp32 softmax beside the half-precision logits")
+    if not cpu and not te_cross_entropy and prec != "fp32":
+        notes.append("cross-entropy (megatron's, fused or not) keeps an fp32 softmax beside the half-precision logits")
     return MemoryEstimate(gpus=gpus, dp=dp, microbatches=microbatches, device=device, stages=stages,
                           layer_bytes_per_token=layer, notes=notes)
 

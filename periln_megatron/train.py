@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from periln_megatron import checkpoint, run_lock, runtime
-from periln_megatron.config import Recipe
+from periln_megatron.config import Recipe, RecipeError
 from periln_megatron.launch import record_status
 
 EXIT_FINISHED, EXIT_REQUEUE, EXIT_NONFINITE = 0, 75, 3
@@ -94,18 +94,61 @@ def fusion_kernels() -> dict[str, bool]:
 
     from periln_megatron.specs import HAVE_TE
 
-    return {"cuda": torch.cuda.is_available(), "have_te": HAVE_TE,
+    return {"cuda": torch.cuda.is_available(), "have_te": HAVE_TE, "te_version": te_version() if HAVE_TE else None,
             "have_apex": importable("fused_weight_gradient_mlp_cuda", "scaled_upper_triang_masked_softmax_cuda",
                                     "scaled_masked_softmax_cuda")}
 
 
+def te_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+# TE's fused cross-entropy before 2.18 computes the logits' gradient in the bf16 logits buffer
+# (TransformerEngine#3193); Megatron-LM refuses --cross-entropy-fusion-impl te since #5115.
+TE_CROSS_ENTROPY_MIN_VERSION = (2, 18)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def cross_entropy_choice(recipe: Recipe, *, cuda: bool, have_te: bool, te_version: str | None) -> tuple[bool, str]:
+    """(cross_entropy_loss_fusion, cross_entropy_fusion_impl) for TransformerConfig.
+
+    Every choice computes the softmax and the logits' gradient in FP32. megatron-core's native fused
+    kernel casts that gradient to bf16 whatever the logits' dtype (fused_cross_entropy.py), so it is
+    used only where the logits are bf16; fp32/fp16 runs take the unfused loss."""
+    m = recipe.model
+    key = "model.cross_entropy_fusion_impl"
+    if m.cross_entropy_fusion_impl == "te" and cuda and m.cross_entropy_fusion:
+        need = ".".join(map(str, TE_CROSS_ENTROPY_MIN_VERSION))
+        if not have_te:
+            raise RecipeError(f"{recipe.source}: `{key}` = te needs Transformer Engine >= {need}, which is not "
+                              f"importable; use native")
+        if te_version is None or _version_tuple(te_version) < TE_CROSS_ENTROPY_MIN_VERSION:
+            raise RecipeError(f"{recipe.source}: `{key}` = te needs Transformer Engine >= {need} (FP32 gradient); "
+                              f"found {te_version or 'an unknown version'}; use native")
+        return True, "te"
+    bf16_logits = recipe.precision.preset in ("bf16", "fp8")
+    return cuda and m.cross_entropy_fusion and bf16_logits, "native"
+
+
 def transformer_config_kwargs(recipe: Recipe, *, cuda: bool | None = None, have_te: bool | None = None,
-                              have_apex: bool | None = None) -> dict:
+                              have_apex: bool | None = None, te_version: str | None = None) -> dict:
     """TransformerConfig's arguments for `recipe`; capabilities not given are this process's
     (fusion_kernels()), so a test can ask for the config a CUDA run builds without a GPU.
 
     On CUDA, as Megatron-LM: bias-dropout-add, SwiGLU and persistent-LN fusions; RoPE fusion and
-    TE's cross-entropy with TE (megatron-core's native fused cross-entropy without it), both
+    megatron-core's native fused cross-entropy in bf16 (cross_entropy_choice), both
     placement-independent (rotary acts on q/k before the core attention; the loss on the last
     stage's logits); gradient-accumulation fusion and the masked-softmax kernel with apex. The
     output norm of RowParallelLinearWithOutNorm (peri/output) is a plain autograd module after the
@@ -115,6 +158,8 @@ def transformer_config_kwargs(recipe: Recipe, *, cuda: bool | None = None, have_
     cuda = found["cuda"] if cuda is None else cuda
     have_te = found["have_te"] if have_te is None else have_te
     have_apex = found["have_apex"] if have_apex is None else have_apex
+    te_version = found.get("te_version") if te_version is None else te_version
+    ce_fusion, ce_impl = cross_entropy_choice(recipe, cuda=cuda, have_te=have_te, te_version=te_version)
     m, p, prec = recipe.model, recipe.parallel, recipe.precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(prec.preset, torch.float32)
     kwargs = dict(
@@ -130,8 +175,10 @@ def transformer_config_kwargs(recipe: Recipe, *, cuda: bool | None = None, have_
         use_cpu_initialization=not cuda, gradient_accumulation_fusion=cuda and have_apex,
         bias_dropout_fusion=cuda, bias_activation_fusion=cuda, apply_rope_fusion=cuda and have_te,
         masked_softmax_fusion=cuda and have_apex, persist_layer_norm=cuda,
-        cross_entropy_loss_fusion=cuda and m.cross_entropy_fusion,
-        cross_entropy_fusion_impl="te" if cuda and have_te else "native",
+        cross_entropy_loss_fusion=ce_fusion, cross_entropy_fusion_impl=ce_impl,
+        # as Megatron-LM's core_transformer_config_from_args: a stage's output tensor is freed once
+        # sent, keeping only its autograd graph (pipeline stages > 1)
+        deallocate_pipeline_outputs=True,
     )
     if m.recompute != "none":
         kwargs.update(recompute_granularity=m.recompute)

@@ -178,21 +178,89 @@ def test_cuda_config_enables_megatron_lm_fusions_and_cpu_config_has_none(path):
     changed = {k for k, v in _config_fields(apex_only).items() if _config_fields(cpu)[k] != v}
     assert changed == set(FUSIONS) - {"apply_rope_fusion"} | {"use_cpu_initialization"}
 
-    # The container (TE + apex): everything on, TE's cross-entropy. TransformerConfig itself checks
+    # The container (TE + apex, TE 2.9 as in NGC 25.11): everything on, megatron's native fused
+    # cross-entropy (FP32 gradient), never TE's unless asked for. TransformerConfig itself checks
     # that TE's fused RoPE is importable, so only its arguments can be built here.
-    full = transformer_config_kwargs(r, cuda=True, have_te=True, have_apex=True)
+    full = transformer_config_kwargs(r, cuda=True, have_te=True, have_apex=True, te_version="2.9.0")
     assert {name: full[name] for name in FUSIONS} == dict.fromkeys(FUSIONS, True)
-    assert full["cross_entropy_fusion_impl"] == "te"
+    assert full["cross_entropy_fusion_impl"] == "native"
+    assert full["deallocate_pipeline_outputs"] is True
     # without apex's fused_weight_gradient_mlp_cuda megatron's LM head (a ColumnParallelLinear under
     # either backend) refuses gradient_accumulation_fusion, and its local attention would import the
     # missing masked-softmax kernels: both stay off
-    te_only = transformer_config_kwargs(r, cuda=True, have_te=True, have_apex=False)
+    te_only = transformer_config_kwargs(r, cuda=True, have_te=True, have_apex=False, te_version="2.9.0")
     assert not te_only["gradient_accumulation_fusion"] and not te_only["masked_softmax_fusion"]
     assert te_only["apply_rope_fusion"] and te_only["cross_entropy_loss_fusion"]
     off = transformer_config_kwargs(recipe(path, "model.cross_entropy_fusion=false"), cuda=True, have_te=True,
-                                    have_apex=True)
+                                    have_apex=True, te_version="2.9.0")
     assert off["cross_entropy_loss_fusion"] is False and off["apply_rope_fusion"] is True
 
+
+
+def test_cross_entropy_is_fp32_exact_by_default_and_te_only_when_asked_with_te_2_18():
+    from periln_megatron.config import RecipeError
+    from periln_megatron.train import cross_entropy_choice
+
+    def choice(*sets, cuda=True, have_te=True, te_version="2.9.0"):
+        return cross_entropy_choice(recipe("recipes/peri_ln/400m.yaml", *sets), cuda=cuda, have_te=have_te,
+                                    te_version=te_version)
+
+    assert choice() == (True, "native")  # the paper recipes: bf16, TE 2.9 present
+    assert choice(te_version="2.18.0") == (True, "native")  # a newer TE does not change the default
+    # the native kernel casts its gradient to bf16 whatever the logits' dtype: fp32/fp16 go unfused
+    assert choice("precision.preset=fp32") == (False, "native")
+    assert choice("precision.preset=fp16") == (False, "native")
+    assert choice("precision.preset=fp8") == (True, "native")
+    assert choice("model.cross_entropy_fusion=false") == (False, "native")
+    assert choice(cuda=False, have_te=False, te_version=None) == (False, "native")
+    te = "model.cross_entropy_fusion_impl=te"
+    assert choice(te, te_version="2.18.0") == (True, "te")
+    assert choice(te, te_version="2.18.0.dev0+abc123") == (True, "te")
+    assert choice(te, cuda=False, have_te=False, te_version=None) == (False, "native")  # CPU: no fusion at all
+    for kwargs, found in (({"te_version": "2.9.0"}, "found 2.9.0"), ({"te_version": "2.11.0+cu12"}, "found 2.11.0"),
+                          ({"te_version": None}, "unknown version"), ({"have_te": False, "te_version": None}, "not importable")):
+        with pytest.raises(RecipeError, match=rf"`model.cross_entropy_fusion_impl` = te needs Transformer Engine >= 2.18.*{found}"):
+            choice(te, **kwargs)
+    with pytest.raises(RecipeError, match="model.cross_entropy_fusion_impl"):
+        recipe("recipes/peri_ln/400m.yaml", "model.cross_entropy_fusion_impl=apex")
+
+
+def test_native_fused_cross_entropy_gradient_is_the_fp32_gradient_rounded_once():
+    """What the default GPU loss computes, run here: megatron-core's fused_vocab_parallel_cross_entropy
+    on bf16 logits gives the unfused loss's values and the FP32 gradient (softmax - onehot) rounded to
+    bf16 once, including the target tokens of confident predictions (TE < 2.18 rounded the softmax to
+    bf16 first, which zeroes them)."""
+    from megatron.core import parallel_state
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    import torch
+
+    from periln_megatron import runtime
+
+    runtime.initialize(runtime.ParallelLayout(), seed=0, dist_env=runtime.SINGLE_PROCESS)
+    try:
+        torch.manual_seed(0)
+        logits = (torch.randn(16, 2, 512) * 3).to(torch.bfloat16)
+        target = torch.randint(0, 512, (16, 2))
+        logits[:4, :, :] = -8.0
+        logits[:4, :, :].scatter_(-1, target[:4].unsqueeze(-1), 8.0)  # confident, correct: 1 - p(target) ~ 6e-5
+        expected = torch.softmax(logits.float(), -1)
+        expected.scatter_add_(-1, target.unsqueeze(-1), -torch.ones(16, 2, 1))
+        fused_in = logits.clone().requires_grad_()
+        fused = fused_vocab_parallel_cross_entropy(fused_in, target, parallel_state.get_tensor_model_parallel_group())
+        fused.sum().backward()
+        plain_in = logits.clone().requires_grad_()
+        plain = vocab_parallel_cross_entropy(plain_in, target)
+        plain.sum().backward()
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+        assert torch.equal(fused_in.grad, expected.to(torch.bfloat16))
+        torch.testing.assert_close(fused_in.grad, plain_in.grad, rtol=2**-6, atol=0)  # within a bf16 ulp
+        confident = fused_in.grad[:4].gather(-1, target[:4].unsqueeze(-1))
+        assert (confident != 0).all()  # -(1 - p) ~ -6e-5, kept
+        assert (torch.softmax(logits.float(), -1).to(torch.bfloat16)[:4].gather(-1, target[:4].unsqueeze(-1)) == 1).all()
+    finally:
+        runtime.shutdown()
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -246,14 +314,17 @@ def test_memory_estimate_follows_megatron_lm_rules():
     stage = full.stages[0]
     assert stage.activations == tokens * (32 / 4 * h * 2 + 8) + tokens * (2 * h + h * 2)  # + ids, final norm, head input
     assert stage.recompute == tokens * 4 * plain.layer_bytes_per_token
-    assert stage.total == stage.weights + stage.grads + stage.optimizer + stage.activations + stage.recompute
+    assert stage.total == (stage.weights + stage.grads + stage.optimizer + stage.activations
+                           + max(stage.logits, stage.recompute))
 
-    # the loss: TE's fused cross-entropy keeps the bf16 logits (2 bytes each), the unfused one also
-    # an fp32 softmax (6); the LM head's input gradient (bf16) on top
-    fused = plain.stages[0].logits
-    unfused = estimate(recipe("recipes/peri_ln/3.2b.yaml", "parallel.tp=1", "parallel.pp=1",
-                              "parallel.sequence_parallel=false", "model.cross_entropy_fusion=false"), 32).stages[0].logits
-    assert (fused, unfused) == (tokens * (V * 2 + h * 2), tokens * (V * 6 + h * 2))
+    # the loss: megatron's cross-entropy, fused (the default) or not, keeps an fp32 softmax beside the
+    # bf16 logits (6 bytes each); TE's kernel (opt-in, TE >= 2.18) only the logits (2); the LM head's
+    # input gradient (bf16) on top
+    flat = ("parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false")
+    native = plain.stages[0].logits
+    unfused = estimate(recipe("recipes/peri_ln/3.2b.yaml", *flat, "model.cross_entropy_fusion=false"), 32).stages[0].logits
+    te = estimate(recipe("recipes/peri_ln/3.2b.yaml", *flat, "model.cross_entropy_fusion_impl=te"), 32).stages[0].logits
+    assert (native, unfused, te) == (tokens * (V * 6 + h * 2), tokens * (V * 6 + h * 2), tokens * (V * 2 + h * 2))
 
 
 def _peak_anonymous_memory(args: list[str], timeout: float = 420) -> int:
