@@ -69,6 +69,8 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # parameters per DDP bucket; null: megatron's default (max(40M, 1M x DP) with overlap_grad_reduce)
+    ddp_bucket_size: int | None = None
 
 
 @dataclass
@@ -132,7 +134,7 @@ class CheckpointConfig:
     dir: str | None = None  # None: no checkpoints
     interval: int = 0  # 0: only at the end and on preemption
     keep: int = 2
-    async_save: bool = False  # GPU only
+    async_save: bool = False  # write checkpoints from a background process (megatron AsyncCallsQueue)
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
     save_at_end: bool = True
     on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
@@ -410,6 +412,8 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         fail("logging.peak_tflops", f"must be a positive number of TFLOP/s (or null), got {peak}")
     _check_wandb(recipe.logging, fail)
+    if p.ddp_bucket_size is not None and (isinstance(p.ddp_bucket_size, bool) or p.ddp_bucket_size < 1):
+        fail("parallel.ddp_bucket_size", f"must be a number of parameters >= 1 (or null), got {p.ddp_bucket_size}")
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim
@@ -497,8 +501,6 @@ def _check_environment(recipe: Recipe, fail) -> None:
         key = "precision.preset" if recipe.precision.preset == "fp8" else "model.backend"
         fail(key, f"= {recipe.precision.preset if key == 'precision.preset' else 'te'} needs Transformer Engine, "
              "which is not importable here (use model.backend: local and a non-fp8 preset)")
-    if recipe.checkpoint.async_save and not torch.cuda.is_available():
-        fail("checkpoint.async_save", "needs a GPU")
     if recipe.checkpoint.load and not Path(recipe.checkpoint.load).exists():
         fail("checkpoint.load", f"not found: {recipe.checkpoint.load}")
     log = recipe.logging

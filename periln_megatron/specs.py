@@ -89,8 +89,12 @@ class Norm(torch.nn.Module):
         self.rms = config.normalization == "RMSNorm"
         self.eps = eps
         self.shape = (hidden_size,)
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        # where megatron's own layers put their parameters (build the model on the GPU it runs on)
+        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
         for p in self.parameters():
             p.sequence_parallel = config.sequence_parallel
 

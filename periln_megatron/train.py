@@ -234,6 +234,7 @@ def build_optimizer(recipe: Recipe, config, chunks):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer,
         overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+        bucket_size=p.ddp_bucket_size,
     )
     ddp_chunks = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)

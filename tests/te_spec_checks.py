@@ -1,7 +1,22 @@
 """The slots a te layer spec must fill, checked without Transformer Engine (its megatron wrappers
-import here as placeholders)."""
+import here as placeholders); and the mark of the tests that need TE on a GPU."""
+
+import pytest
+import torch
 
 from periln_megatron import specs
+
+
+def needs_gpu(test):
+    """`-m gpu` selects it (tools/gpu_smoke.py); without a GPU it is skipped, saying why."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+def needs_te_gpu(test):
+    skip = pytest.mark.skipif(not (specs.HAVE_TE and torch.cuda.is_available()),
+                              reason="needs Transformer Engine and a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
 
 
 def assert_te_layer_slots(layer, placement: str) -> None:

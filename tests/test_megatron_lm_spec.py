@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mcore_single import single_process  # noqa: F401 - autouse fixture
-from te_spec_checks import assert_te_layer_slots
+from te_spec_checks import assert_te_layer_slots, needs_te_gpu
 
 from periln_megatron import megatron_lm, runtime, specs
 from periln_megatron.model import build_gpt_model, transformer_config
@@ -22,9 +22,6 @@ from periln_megatron.model import build_gpt_model, transformer_config
 VOCAB, SEQ = 96, 24
 SIZE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96)
 NORM_EPS = {"RMSNorm": 1e-5, "LayerNorm": 1e-6}  # a non-default eps: it must reach every norm
-needs_te_gpu = pytest.mark.skipif(
-    not (specs.HAVE_TE and torch.cuda.is_available()), reason="needs Transformer Engine and a CUDA GPU"
-)
 
 
 def fetch_spec(name: str):

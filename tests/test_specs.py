@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mcore_single import single_process  # noqa: F401 - autouse fixture
-from te_spec_checks import assert_te_layer_slots
+from te_spec_checks import assert_te_layer_slots, needs_gpu, needs_te_gpu
 from reference_model import RefGPT, load_megatron_state
 
 from periln_megatron import runtime, specs
@@ -15,10 +15,6 @@ from periln_megatron.model import build_gpt_model, transformer_config
 
 VOCAB, SEQ = 96, 24
 SIZE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96)
-needs_te = pytest.mark.skipif(not specs.HAVE_TE, reason="Transformer Engine is not installed (needs CUDA)")
-needs_te_gpu = pytest.mark.skipif(
-    not (specs.HAVE_TE and torch.cuda.is_available()), reason="needs Transformer Engine and a CUDA GPU"
-)
 
 
 def make_config(**kw):
@@ -171,6 +167,23 @@ def test_local_and_te_models_have_the_same_checkpoint_keys(placement):
     te = {v.key for k, v in build(placement, backend="te").cuda().sharded_state_dict().items()
           if not k.endswith("_extra_state")}
     assert local == te
+
+
+@needs_gpu
+@pytest.mark.parametrize("placement", specs.PLACEMENTS)
+def test_local_model_lives_on_the_gpu_and_hf_side_model_on_the_cpu(placement):
+    """Megatron's layers put their parameters on the current GPU unless use_cpu_initialization; the
+    local Norm must follow, or the forward mixes devices. The HF importer's whole model stays on the CPU."""
+    from periln_megatron.config import load_recipe
+    from periln_megatron.hf import megatron_side
+
+    model = build(placement, use_cpu_initialization=False)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda")
+    assert torch.isfinite(model(tokens, torch.arange(SEQ, device="cuda").expand(2, SEQ), None)).all()
+    recipe = load_recipe("recipes/tiny/peri_ln.yaml", [f"model.placement={placement}"], check_environment=False)
+    hf_side = megatron_side.build_model(recipe, recipe.padded_vocab_size(), torch.float32)
+    assert {p.device.type for p in hf_side.parameters()} == {"cpu"}
 
 
 @needs_te_gpu

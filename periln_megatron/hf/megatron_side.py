@@ -25,12 +25,17 @@ def single_process_recipe(recipe):
 
 
 def build_model(recipe, padded_vocab: int, dtype: torch.dtype | None = None, initialize: bool = True):
-    """GPTModel for the whole network; parameters in `dtype` (default: the recipe's)."""
+    """GPTModel for the whole network on the CPU, also on a GPU node (conversion and parity checks
+    hold one whole model); parameters in `dtype` (default: the recipe's). The local backend: its
+    checkpoint keys are TE's (specs.TE_INPUT_NORM_KEYS)."""
     from periln_megatron.model import build_gpt_model
     from periln_megatron.train import transformer_config
 
     r = single_process_recipe(recipe)
-    config = transformer_config(r)
+    r.model.backend = "local"
+    if r.precision.preset == "fp8":  # FP8 is a compute format: the weights are bf16
+        r.precision.preset = "bf16"
+    config = transformer_config(r, cuda=False, have_te=False, have_apex=False, te_version=None)
     if dtype is not None:
         config.params_dtype = dtype
     config.perform_initialization = initialize
