@@ -45,10 +45,12 @@ def _train_main(argv: list[str] | None) -> int:
 
     from periln_megatron.checkpoint import CheckpointError, check_resumable
     from periln_megatron.data import TokenIdError
-    from periln_megatron.runtime import read_dist_env
+    from periln_megatron.runtime import launch_environment, read_dist_env
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=read_dist_env().world_size)
+        # before CUDA starts (torchrun or srun without periln-launch / slurm/common.sh)
+        os.environ.update(launch_environment(recipe.parallel.tp, recipe.parallel.cp))
         from periln_megatron.data import check_prefixes, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(recipe)

@@ -105,6 +105,32 @@ def decide(torchrun_status: int, statuses: list[tuple[int, int]]) -> tuple[int, 
     return torchrun_status, f"torchrun exit {torchrun_status}, no rank reported a status"
 
 
+def trainer_environment(argv: list[str]) -> dict[str, str]:
+    """What the trainer's ranks need in their environment from the start (runtime.launch_environment),
+    read from the trainer's --recipe/--set in torchrun's argv; {} when there is no trainer or its
+    recipe does not load (the trainer then reports the error)."""
+    import argparse
+
+    try:
+        args = argv[argv.index("periln_megatron.train") + 1:]
+    except ValueError:
+        return {}
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+    known, _ = parser.parse_known_args(args)
+    if not known.recipe:
+        return {}
+    try:
+        from periln_megatron.config import load_recipe
+        from periln_megatron.runtime import launch_environment
+
+        recipe = load_recipe(known.recipe, known.overrides, check_environment=False)
+    except Exception:  # noqa: BLE001 - the trainer names what is wrong
+        return {}
+    return launch_environment(recipe.parallel.tp, recipe.parallel.cp)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -126,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in FORWARDED:
             signal.signal(sig, forward)
         started.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *argv], env={**os.environ, STATUS_ENV: str(status_dir)},
+            [sys.executable, "-m", "torch.distributed.run", *argv],
+            env={**os.environ, **trainer_environment(argv), STATUS_ENV: str(status_dir)},
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
         for signum in pending:
             forward(signum, None)

@@ -281,6 +281,18 @@ def cpu_shims_active() -> bool:
 
 # ---------------------------------------------------------------------------- initialisation
 
+MAX_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def launch_environment(tp: int, cp: int, environ=None) -> dict[str, str]:
+    """Variables the ranks need before CUDA starts, that the user has not set. TP or CP > 1:
+    CUDA_DEVICE_MAX_CONNECTIONS=1, which Megatron-LM asserts before Blackwell (one hardware queue,
+    so the TP/SP collectives are issued before the GEMMs they overlap with)."""
+    environ = os.environ if environ is None else environ
+    if tp * cp > 1 and MAX_CONNECTIONS not in environ:
+        return {MAX_CONNECTIONS: "1"}
+    return {}
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -20,6 +20,7 @@
 #                    otherwise whatever is on PATH)
 #   PERILN_TRAIN     trainer command (default: periln-train)
 #   SRUN_ARGS        extra srun arguments
+#   PERILN_CPU_BIND  srun --cpu-bind value (default cores; none, or e.g. map_ldom:0,0,0,0,1,1,1,1)
 #   MAX_REQUEUES     stop requeueing after this many restarts (default 100)
 #   PERILN_SOCKET_IFNAME  network interface between the nodes, the default of GLOO_SOCKET_IFNAME
 #                    and NCCL_SOCKET_IFNAME (default: unset, the libraries choose)
@@ -161,6 +162,14 @@ periln_prepare() {
     # Exit 75 must not count as bad (the others are still shutting down after the same save), so
     # each rank runs under PERILN_RANK_WRAPPER, which reports 75 to srun as 0 and records it.
     PERILN_SRUN=(srun --kill-on-bad-exit=1)
+    # CPU binding: each rank gets its share of the node's cores (the templates' --cpus-per-task, or
+    # sbatch -c N) and is bound to them, so the main thread, the batch prefetcher, NCCL's proxies and
+    # async-checkpoint writers neither wander across NUMA nodes nor share one CPU. srun no longer
+    # inherits -c from sbatch (Slurm >= 22.05): pass it on. PERILN_CPU_BIND takes any srun --cpu-bind
+    # value: "none" for no binding, or a per-rank NUMA map such as map_ldom:0,0,0,0,1,1,1,1.
+    : "${PERILN_CPU_BIND:=cores}"
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && PERILN_SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    PERILN_SRUN+=(--cpu-bind="$PERILN_CPU_BIND")
     local -a launcher
     if [ -n "${CONTAINER_IMAGE:-}" ]; then
         srun --help 2>&1 | grep -q -- '--container-image' ||

@@ -98,3 +98,24 @@ def test_cpu_shims_stay_active_inside_autograd_backward():
     out = subprocess.run([sys.executable, "-c", BACKWARD_PROBE], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[2.0, 2.0, 2.0]"
+
+
+def test_tp_or_cp_runs_get_one_cuda_connection_unless_the_user_chose(monkeypatch):
+    """Megatron-LM asserts CUDA_DEVICE_MAX_CONNECTIONS=1 for TP or CP > 1 on Hopper; periln-launch
+    (and the trainer itself, for bare torchrun/srun) sets it, and never overrides the user's value."""
+    from periln_megatron.launch import trainer_environment
+    from periln_megatron.runtime import launch_environment
+
+    assert launch_environment(2, 1, {}) == launch_environment(1, 2, {}) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert launch_environment(1, 1, {}) == {}
+    assert launch_environment(2, 1, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}) == {}
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    torchrun = ["--nproc_per_node=2", "--master_addr=127.0.0.1", "-m", "periln_megatron.train", "--exit-after-minutes",
+                "5", "--recipe", "recipes/tiny/peri_ln.yaml", "--set", "train.steps=4"]
+    assert trainer_environment([*torchrun, "parallel.tp=2"]) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    assert trainer_environment([*torchrun, "parallel.tp=1"]) == {}
+    assert trainer_environment(["--nproc_per_node=2", "-m", "periln_megatron.train", "--recipe",
+                                "recipes/peri_ln/3.2b.yaml"]) == {}  # the paper layouts are DP-only
+    assert trainer_environment([*torchrun, "parallel.tp=banana"]) == {}  # the trainer reports it
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    assert trainer_environment([*torchrun, "parallel.tp=2"]) == {}

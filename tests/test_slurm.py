@@ -28,7 +28,7 @@ def submit(cluster, tmp: Path, env: dict, name: str, template: str = TEMPLATE, o
     """sbatch the template from the repo root; returns (job id, log path)."""
     log = tmp / f"{name}.out"
     env = {"OMP_NUM_THREADS": "1", "CKPT_DIR": str(tmp / "ckpt"), **env}
-    opts = ["-N1", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}", f"--job-name={name}",
+    opts = ["-N1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}", f"--job-name={name}",
             *options]
     return cluster.sbatch([template], env=env, options=opts), log
 
@@ -96,7 +96,7 @@ def test_templates_share_common_body():
         text = path.read_text()
         header = re.findall(r"^#SBATCH (\S+)", text, re.M)
         for opt in ("--exclusive", "--requeue", "--open-mode=append", "--output=logs/%x-%j.out",
-                    "--ntasks-per-node=8", "--gpus-per-node=8"):
+                    "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8"):
             assert opt in header, (path.name, opt)
         assert any(o.startswith("--signal=B:USR1@") for o in header), path.name
         recipe = re.search(r'^: "\$\{RECIPE:=(\S+)\}"$', text, re.M)
@@ -173,6 +173,8 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
         "--set train.steps=7 "
         "--set optim.lr=1.0e-3 --set train.seed=7 --exit-after-minutes 5")
     assert "training finished (exit 0)" in read(log)
+    # each rank bound to its share of the cores, -c passed on to srun
+    assert "launch: srun --kill-on-bad-exit=1 --cpus-per-task=1 --cpu-bind=cores " in read(log)
 
 
 def test_missing_data_prefix_in_recipe_fails_before_launch(slurm, tmp_path):

@@ -38,7 +38,7 @@ def submit(cluster, tmp: Path, name: str, per_node: int = 1, env: dict | None = 
     log = tmp / f"{name}.out"
     env = {"OMP_NUM_THREADS": "1", "CKPT_DIR": str(tmp / "ckpt"), "RECIPE": TINY, "TRAIN_STEPS": str(STEPS),
            "EXTRA_SETS": SETS, **(env or {})}
-    opts = ["-N2", f"--ntasks-per-node={per_node}", "--gpus-per-node=0", f"--output={log}",
+    opts = ["-N2", f"--ntasks-per-node={per_node}", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
             f"--job-name={name}", *options]
     return cluster.sbatch([TEMPLATE], env=env, options=opts), log
 
