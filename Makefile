@@ -26,10 +26,11 @@ test: $(STAMP)
 	@if [ -x tools/ensure_slurm.sh ]; then tools/ensure_slurm.sh; fi
 	$(PY) -m pytest -q tests
 
-# On a GPU machine (inside the container): te backend, bf16/FP8, TP/SP on 2 GPUs, checkpoints -> HF.
-# Uses the image's python and CUDA builds (not .venv, whose torch is the CPU wheel).
+# On a GPU machine, inside the image with this checkout mounted (docs/gpu_check.md): te backend, bf16/FP8
+# and their agreement, DP=2 with the paper flags + async save, PP=2, TP=2+SP, -m gpu tests, checkpoints -> HF.
+# Uses the image's python and CUDA builds (not .venv, whose torch is the CPU wheel); this checkout's package.
 gpu-check:
-	$(PYTHON) tools/gpu_smoke.py --record benchmarks/RESULTS_gpu_smoke.md
+	PYTHONPATH=$(CURDIR) $(PYTHON) tools/gpu_smoke.py --record benchmarks/RESULTS_gpu_smoke.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

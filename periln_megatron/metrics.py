@@ -61,6 +61,73 @@ def _warn(message: str) -> None:
     print(f"periln-train: warning: {message}", file=sys.stderr, flush=True)
 
 
+RECORD_START = '{"step": '  # how JsonlSink's json.dumps(record) begins
+
+
+class MetricsError(ValueError):
+    pass
+
+
+def read_metrics(path: Path, warn=None) -> dict[int, dict]:
+    """step -> record of a run's metrics.jsonl (a file or a run directory): the one reader.
+
+    The rule for a killed and resumed run: the resumed run starts again at its checkpoint's step,
+    lower than the last one logged, and from there its records replace the earlier run's (a step
+    trained again is the later run's alone); records of one run at one step merge (the last step's
+    losses, then its final validation loss). A line cut off by the kill is skipped (`warn` gets one
+    line naming file:line), also when the resumed run's record was appended to it (that record is
+    kept). Any other damage is a MetricsError naming file:line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise MetricsError(f"{path}: not found")
+    out: dict[int, dict] = {}
+    last_step = None
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = _appended_after_cut(line)
+            if record is None and line.startswith(RECORD_START) and line.isprintable():
+                if warn:
+                    warn(f"{path}:{lineno}: a record cut off by a killed run, skipped")
+                continue
+            if record is None:
+                raise MetricsError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            if warn:
+                warn(f"{path}:{lineno}: a cut-off record followed by step {record['step']}'s (appended when the run "
+                     "resumed): kept that record")
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise MetricsError(f"{path}:{lineno}: expected an object with an integer `step`")
+        step = record["step"]
+        if last_step is not None and step < last_step:  # a resumed run: it owns every step from here on
+            out = {s: r for s, r in out.items() if s < step}
+        last_step = step
+        out.setdefault(step, {}).update(record)
+    return dict(sorted(out.items()))
+
+
+def _appended_after_cut(line: str) -> dict | None:
+    """The record a resumed run appended to a line cut off by a kill (`{"step": 4, "lo{"step": 5, ...}`)."""
+    start = line.rfind(RECORD_START)
+    if start <= 0 or not line.startswith(RECORD_START):
+        return None
+    try:
+        record = json.loads(line[start:])
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def series(records: dict[int, dict], key: str) -> dict[int, float]:
+    """step -> the number logged under `key` (steps without it left out)."""
+    return {s: r[key] for s, r in records.items() if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)}
+
+
 class JsonlSink:
     def __init__(self, run_dir: Path):
         path = Path(run_dir) / "metrics.jsonl"
