@@ -45,9 +45,12 @@ class Smoke:
         print(f"{status:4}  {name}: {detail}", flush=True)
 
     def train(self, name: str, recipe: str, sets: list[str], nproc: int = 1) -> tuple[int, list[float], str]:
+        from periln_megatron.config import combine_overrides
+
         run_dir = self.out / name
+        sets = combine_overrides(BASE, [f"checkpoint.dir={run_dir}"], sets)  # a key given twice is refused
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "periln_megatron.train", "--recipe", recipe, "--set", *BASE, f"checkpoint.dir={run_dir}", *sets]
+               "-m", "periln_megatron.train", "--recipe", recipe, "--set", *sets]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         metrics = run_dir / "metrics.jsonl"
@@ -69,7 +72,7 @@ class Smoke:
 def check_memory_estimate(smoke: Smoke) -> None:
     """periln-params --memory's estimate (periln_megatron/memory.py, device gpu) against the trainer's
     logged torch.cuda.max_memory_allocated (tensors only, as the estimate) for the te and local backends."""
-    from periln_megatron.config import load_recipe
+    from periln_megatron.config import combine_overrides, load_recipe
     from periln_megatron.memory import estimate
     from periln_megatron.specs import HAVE_TE
     from periln_megatron.train import fusion_kernels
@@ -84,8 +87,8 @@ def check_memory_estimate(smoke: Smoke) -> None:
         if code != 0 or not measured:
             smoke.record(name, "FAIL", f"exit {code}, no max_memory_allocated_gib logged: {log[-400:]!r}")
             continue
-        recipe = load_recipe(REPO / RECIPES["peri"], [*BASE, f"checkpoint.dir={smoke.out / name}", *sets],
-                             check_environment=False)
+        recipe = load_recipe(REPO / RECIPES["peri"], combine_overrides(BASE, [f"checkpoint.dir={smoke.out / name}"],
+                                                                       sets), check_environment=False)
         est = estimate(recipe, 1, device="gpu", have_te=HAVE_TE, have_apex=fusion_kernels()["have_apex"]).peak.total
         ratio = est / (measured * 2**30)
         smoke.record(name, "PASS" if abs(ratio - 1) <= MEMORY_TOLERANCE else "FAIL",
