@@ -35,7 +35,10 @@ document needs while it is tokenized. Measured peak RAM per byte of one long doc
 segment cache, the default, tokenizes a long document in 1 MiB pieces: 50 MB took +0.42 GB),
 SentencePiece --no-segment-cache ~50, TikTokenizer ~20 (a toy vocabulary of ~1 token per byte),
 HuggingFaceTokenizer ~200 (a 50 MB document needs ~10 GB). N workers may hold N such documents at once.
-Errors are one line (exit 1; bad flags exit 2); PERILN_DEBUG=1 shows the traceback.
+Errors are one line (exit 1; bad flags exit 2); PERILN_DEBUG=1 shows the traceback. An output
+that would hold no tokens (empty or blank input, only empty documents, every line skipped) is an
+error, as is a text with a lone surrogate ("\\ud800"); nothing is written then (Megatron-LM writes
+an empty dataset, which its trainer cannot read).
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -68,10 +70,10 @@ HF_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer")  # take --tokenizer-hf-i
 # Megatron-LM splits a text into sentences this many characters at a time (then joins the lists)
 SPLIT_CHARS = 1_000_000
 
+# "lone surrogate": a \uD800-\uDFFF escape, or its UTF-8 bytes (json.loads decodes bytes with
+# surrogatepass), gives a str that SentencePiece and HF refuse (a TypeError in the worker) and
+# tiktoken silently replaces: refused for all, as bad input
 REASONS = ("malformed JSON", "not a JSON object", "missing key", "not a string", "lone surrogate")
-# Where a lone surrogate (a str no tokenizer can encode) can come from: a \uD800-\uDFFF escape, or
-# its UTF-8 form (json.loads decodes bytes with surrogatepass). Blocks without either are not scanned.
-SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 MAX_CHUNK_BYTES = 1 << 30
 # SentencePiece with the segment cache encodes each space-separated word on its own, so a document
 # cut at spaces into pieces of about this many characters gives exactly the ids of the whole: a
@@ -342,7 +344,8 @@ def _parse_slow(lines: list[tuple[int, bytes]], keys, errors: list, good: list) 
 
 
 def _drop_surrogates(texts: dict, good: list, errors: list) -> tuple[dict, list]:
-    """Documents whose text holds a lone surrogate become errors (line, reason, message)."""
+    """Documents whose text holds a lone surrogate become errors (line, reason, message). Encoding
+    every text costs ~0.5 ms per MB, well under 1% of tokenizing it."""
     bad = {}
     for k, values in texts.items():
         for i, t in enumerate(values):
@@ -438,8 +441,7 @@ def encode_block(first_line: int, data: bytes) -> dict:
         texts = _parse_slow(numbered, keys, errors, good)
     else:
         good = [n for n, _ in numbered]
-    if SURROGATE_HINT.search(data):
-        texts, good = _drop_surrogates(texts, good, errors)
+    texts, good = _drop_surrogates(texts, good, errors)
     out = {"errors": errors, "blank": blank, "bytes": len(data), "keys": {}, "lines": np.array(good, np.int64)}
     tok, eod, dtype = _W["tok"], _W["eod"], _W["dtype"]
     for k in keys:
