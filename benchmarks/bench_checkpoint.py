@@ -209,12 +209,12 @@ def _mem_available() -> int:
     return 0
 
 
-def _params(recipe_path: str, overrides: list[str], nproc: int) -> tuple[int, object]:
+def _params(recipe_path: str, override_groups: list[list[str]], nproc: int) -> tuple[int, object]:
     sys.path.insert(0, str(REPO))
-    from periln_megatron.config import load_recipe
+    from periln_megatron.config import combine_overrides, load_recipe
     from periln_megatron.param_count import count_parameters
 
-    recipe = load_recipe(recipe_path, overrides, world_size=nproc, check_environment=False)
+    recipe = load_recipe(recipe_path, combine_overrides(*override_groups), world_size=nproc, check_environment=False)
     return count_parameters(recipe, recipe.padded_vocab_size())["total"], recipe
 
 
@@ -274,8 +274,10 @@ def run_format(fmt: str, args, n: int, dp: int, largest: int, work: Path) -> dic
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     ckpt = out / "ckpt"
-    train = ["--recipe", args.recipe, "--set", *BASE_OVERRIDES, *args.set, f"checkpoint.dir={ckpt}",
-             f"checkpoint.format={fmt}", f"train.global_batch_size={dp}"]
+    from periln_megatron.config import combine_overrides
+
+    train = ["--recipe", args.recipe, "--set", *combine_overrides(BASE_OVERRIDES, args.set, [
+        f"checkpoint.dir={ckpt}", f"checkpoint.format={fmt}", f"train.global_batch_size={dp}"])]
     result = {"format": fmt}
     for op in ("save", "load"):
         launch_ops = ["save1", "save2"] if op == "save" else ["load1"]
@@ -374,8 +376,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
 
-    overrides = [*BASE_OVERRIDES, *args.set]
-    n, recipe = _params(args.recipe, overrides, args.nproc)
+    n, recipe = _params(args.recipe, [BASE_OVERRIDES, args.set], args.nproc)
     p = recipe.parallel
     dp = args.nproc // (p.tp * p.pp * p.cp)
     print(f"{args.recipe}: {n / 1e6:.0f}M parameters, {args.nproc} ranks, DP={dp}", flush=True)

@@ -107,7 +107,7 @@ def _human(n: int) -> str:
 def params_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="periln-params", description="Parameter counts of recipes (total, non-embedding), and the check "
-        "that a recipe's `nominal_size` is within 10%% of its total. Exits 1 if one is not. With --memory, the "
+        "that a recipe's `nominal_size` is within 10% of its total. Exits 1 if one is not. With --memory, the "
         "estimated per-GPU memory at the recipe's layout (periln_megatron/memory.py).")
     parser.add_argument("recipes", nargs="+", help="recipe YAML files")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from periln_megatron.recipe_checks import check_data, check_numbers
+
 
 class RecipeError(ValueError):
     pass
@@ -311,12 +313,21 @@ def _build(cls, data: dict, source: str, prefix: str):
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """['model.num_layers=4', 'parallel.tp=2'] -> nested dict; values parsed as YAML."""
+    """['model.num_layers=4', 'parallel.tp=2'] -> nested dict; values parsed as YAML. A key given
+    twice (or a key and a section holding it) is an error, as a duplicate key in a recipe file is."""
     nested: dict = {}
+    given: dict[tuple, str] = {}
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key=value, e.g. model.num_layers=4")
         key, raw = item.split("=", 1)
+        path = tuple(key.strip().split("."))
+        for other, first in given.items():
+            if other[:len(path)] == path or path[:len(other)] == other:
+                what = (f"given twice ({first!r}, then {item!r})" if other == path else
+                        f"overlaps {first!r} (a section and a key inside it)")
+                raise RecipeError(f"--set {key.strip()}: {what}; give each key once")
+        given[path] = item
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
@@ -329,6 +340,18 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise RecipeError(f"--set {key}: `{part}` is not a section")
         node[parts[-1]] = value
     return nested
+
+
+def combine_overrides(*groups: list[str]) -> list[str]:
+    """Override lists composed by a caller (defaults, then the caller's own): a key of a later group
+    replaces the same key of an earlier one, so the result passes parse_overrides' duplicate check."""
+    out: dict[str, str] = {}
+    for group in groups:
+        for item in group:
+            key = item.split("=", 1)[0].strip()
+            out.pop(key, None)
+            out[key] = item
+    return list(out.values())
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, world_size: int | None = None,
@@ -386,6 +409,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     for key in POSITIVE:
         if _get(recipe, key) < 1:
             fail(key, f"must be >= 1, got {_get(recipe, key)}")
+    check_numbers(recipe, fail)
 
     m, p, t = recipe.model, recipe.parallel, recipe.train
     if m.hidden_size % m.num_attention_heads:
@@ -434,18 +458,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if m.vocab_size and tok.vocab_size and m.vocab_size < tok.vocab_size:
         fail("model.vocab_size", f"= {m.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens")
 
-    d = recipe.data
-    if d.synthetic and d.prefixes:
-        fail("data.synthetic", "is true but data.prefixes is also set: choose one")
-    if not d.synthetic and not d.prefixes:
-        fail("data.prefixes", "is empty: give indexed .bin/.idx prefixes (or set data.synthetic: true)")
-    if d.prefixes and len(d.prefixes) % 2 == 0 and all(isinstance(x, (int, float)) for x in d.prefixes[0::2]):
-        paths = d.prefixes[1::2]
-    else:
-        paths = d.prefixes
-    for prefix in paths:
-        if not isinstance(prefix, str):
-            fail("data.prefixes", f"has {prefix!r}: expected paths, or alternating weight, path")
+    for prefix in check_data(recipe, fail):
         for ext in (".bin", ".idx") if check_environment else ():
             if not Path(prefix + ext).is_file():
                 fail("data.prefixes", f"entry {prefix}: {prefix + ext} not found")

@@ -31,10 +31,13 @@ class TokenizerInfo:
 
 
 def split_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
-    """[p1, p2] -> ([p1, p2], None); [0.3, p1, 0.7, p2] -> ([p1, p2], [0.3, 0.7])."""
+    """[p1, p2] -> ([p1, p2], None); [0.3, p1, 0.7, p2] -> ([p1, p2], [0.3, 0.7]). A path given as
+    PREFIX.bin or PREFIX.idx is PREFIX (as config.validate checks it)."""
+    from periln_megatron.indexed_data import strip_data_suffix
+
     if len(prefixes) % 2 == 0 and all(isinstance(x, (int, float)) for x in prefixes[0::2]):
-        return [str(p) for p in prefixes[1::2]], [float(w) for w in prefixes[0::2]]
-    return [str(p) for p in prefixes], None
+        return [strip_data_suffix(str(p)) for p in prefixes[1::2]], [float(w) for w in prefixes[0::2]]
+    return [strip_data_suffix(str(p)) for p in prefixes], None
 
 
 def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
@@ -158,7 +161,10 @@ def check_prefixes(recipe: Recipe) -> None:
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
     vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
     for prefix in split_blend(recipe.data.prefixes)[0]:
-        _, lengths = verified_sequence_lengths(prefix)
+        num_documents, lengths = verified_sequence_lengths(prefix)
+        if lengths.sum() == 0:  # np.memmap of the empty .bin: "cannot mmap an empty file", naming none
+            raise DataPrefixError(f"{prefix}: an empty dataset ({num_documents} documents, 0 tokens) in "
+                                  f"data.prefixes: nothing to train on")
         if vocab:
             check_token_ids(prefix, vocab)
         for name, bounds in zip(("train", "valid", "test"), matrix):

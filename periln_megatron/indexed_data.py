@@ -28,6 +28,15 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
                8: np.uint16}
 
 
+def strip_data_suffix(prefix: str) -> str:
+    """A prefix given as one of its files, PREFIX.bin or PREFIX.idx, as PREFIX (one suffix only).
+    The trainer (data.prefixes) and tools/inspect_data.py take either form."""
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            return prefix[: -len(suffix)]
+    return prefix
+
+
 def _dtype_from_code(code: int):
     return DTYPE_CODES.get(code)
 
@@ -120,7 +129,8 @@ def verified_sequence_lengths(prefix: str | Path) -> tuple[int, np.ndarray]:
 class PrefixWriter:
     """Write one prefix with megatron-core's IndexedDatasetBuilder, atomically.
 
-    Data goes to ``PREFIX.bin.tmp-PID`` / ``PREFIX.idx.tmp-PID``; ``commit()`` finalizes, removes
+    Data goes to ``PREFIX.bin.tmp-PID`` / ``PREFIX.idx.tmp-PID``; ``finalize()`` writes the index there
+    (several outputs can be finalized before any is renamed); ``commit()`` finalizes, removes
     any old ``PREFIX.idx`` first, renames ``.bin`` then ``.idx``; ``abort()`` removes the temporaries.
     ``add_documents`` (one sequence each) and ``add_sequences`` append many in one contiguous write.
     """
@@ -135,7 +145,7 @@ class PrefixWriter:
         self.tmp_bin, self.tmp_idx = self.prefix + ".bin" + tag, self.prefix + ".idx" + tag
         self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=self.dtype.type)
         self.num_documents = self.num_tokens = 0
-        self._done = False
+        self._done = self._finalized = False
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as all their tokens concatenated plus the length of each."""
@@ -155,9 +165,15 @@ class PrefixWriter:
         self.num_documents += len(counts)
         self.num_tokens += len(tokens)
 
+    def finalize(self) -> None:
+        """Write the index under its temporary name: all of `commit` but the renames."""
+        if not self._finalized:
+            self.builder.finalize(self.tmp_idx)
+            self.builder, self._finalized = None, True  # its index lists can be large: not kept till commit
+
     def commit(self) -> tuple[int, int]:
         """Finalize, check, rename into place; return (num_documents, num_tokens)."""
-        self.builder.finalize(self.tmp_idx)
+        self.finalize()
         final_bin, final_idx = self.prefix + ".bin", self.prefix + ".idx"
         if os.path.exists(final_idx):
             os.remove(final_idx)
@@ -171,7 +187,8 @@ class PrefixWriter:
             return
         self._done = True
         try:
-            self.builder.data_file.close()
+            if self.builder is not None:
+                self.builder.data_file.close()
         except Exception:  # noqa: BLE001
             pass
         for p in (self.tmp_bin, self.tmp_idx):

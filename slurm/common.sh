@@ -132,6 +132,7 @@ periln_prepare() {
                 flow+="${flow:+,}$item"       # a blend weight
                 continue
             fi
+            case $item in *.bin | *.idx) item="${item%.*}" ;; esac  # a prefix given as its file, as data.prefixes
             [ "${item#/}" = "$item" ] && item="$REPO/$item"
             [ -f "$item.bin" ] || missing+=" $item.bin"
             [ -f "$item.idx" ] || missing+=" $item.idx"

@@ -208,7 +208,8 @@ def test_bad_input_skip_counts(pp, spm_model, tmp_path):
                    "--tokenizer-model", spm_model, "--workers", 2, "--on-error", "skip",
                    "--summary-json", summary) == 0
     stats = json.loads(summary.read_text())
-    assert stats["skipped"] == {"malformed JSON": 2, "not a JSON object": 1, "missing key": 1, "not a string": 1}
+    assert stats["skipped"] == {"malformed JSON": 2, "not a JSON object": 1, "missing key": 1, "not a string": 1,
+                                "lone surrogate": 0}
     assert (stats["documents"], stats["empty_documents"], stats["blank_lines"]) == (2, 2, 1)
     assert verify_prefix(f"{tmp_path}/m_text_document")[0] == 2
 

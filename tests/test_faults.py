@@ -707,7 +707,7 @@ def tiny_disk(tmp_path):
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_disk, tmp_path):
     """A save that fills the disk fails in one line naming the file; the marker still names the last good one."""
-    result = run([*TINY_TRAIN, f"checkpoint.dir={tiny_disk}", "train.steps=4", "checkpoint.interval=2",
+    result = run([*TINY_TRAIN, f"checkpoint.dir={tiny_disk}", "train.steps=4",  # TINY_TRAIN: checkpoint.interval=2
                   "checkpoint.keep=5", f"logging.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"],
                  check=False, timeout=180)
     assert result.returncode == 2, result.stdout[-3000:]

@@ -15,8 +15,10 @@ def records(run_dir):
 
 
 def train(tmp_path, nproc, *overrides, check=True):
-    return run_torchrun(nproc, [*TRAIN, f"checkpoint.dir={tmp_path}", "train.steps=4", *overrides],
-                        timeout=240, check=check)
+    from periln_megatron.config import combine_overrides
+
+    sets = combine_overrides([f"checkpoint.dir={tmp_path}", "train.steps=4"], overrides)  # a case's train.steps wins
+    return run_torchrun(nproc, [*TRAIN, *sets], timeout=240, check=check)
 
 
 def losses(tmp_path):

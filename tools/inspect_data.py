@@ -5,7 +5,8 @@
   python tools/inspect_data.py out/corpus_text_document --tokenizer-type SentencePieceTokenizer \\
       --tokenizer-model tok.model --show 3
 
-Checks that .idx and .bin agree (exit 1 naming the file, expected vs actual bytes, if not),
+Checks that .idx and .bin agree (exit 1 naming the file, expected vs actual bytes, if not) and
+hold tokens (exit 1 for an empty dataset, which the trainer refuses),
 prints document/token counts and the length distribution, and with a tokenizer decodes the
 first --show documents back to text.
 """
@@ -20,13 +21,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from periln_megatron.indexed_data import DataPrefixError, read_index_header, verify_prefix  # noqa: E402
+from periln_megatron.indexed_data import (DataPrefixError, read_index_header, strip_data_suffix,  # noqa: E402
+                                          verify_prefix)
 from periln_megatron.tokenizer import TOKENIZER_TYPES, load_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prefix", help="dataset prefix, without .bin/.idx (a trailing .bin or .idx is dropped)")
+    p.add_argument("prefix", help="dataset prefix, or its .bin or .idx file (the suffix is dropped, as in a "
+                                  "recipe's data.prefixes)")
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="decode documents with this tokenizer")
     p.add_argument("--tokenizer-model", help="SentencePiece .model, HF tokenizer directory or .tiktoken file")
     p.add_argument("--show", type=int, default=2, metavar="N", help="documents to print (default 2; 0: none)")
@@ -53,9 +56,7 @@ def read_documents(prefix: str, count: int):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    prefix = args.prefix
-    for suffix in (".bin", ".idx"):
-        prefix = prefix[: -len(suffix)] if prefix.endswith(suffix) else prefix
+    prefix = strip_data_suffix(args.prefix)
     if (args.tokenizer_type is None) != (args.tokenizer_model is None):
         print("error: give both --tokenizer-type and --tokenizer-model, or neither", file=sys.stderr)
         return 2
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
         num_docs, num_tokens = verify_prefix(prefix)
     except DataPrefixError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if num_tokens == 0:  # what the trainer refuses: not "ok"
+        print(f"error: {prefix}: an empty dataset ({num_docs} documents, 0 tokens): nothing to train on",
+              file=sys.stderr)
         return 1
     dtype, seq_count, _ = read_index_header(prefix + ".idx")
     docs, lengths, doc_index = read_documents(prefix, args.show)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import sys
 import time
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strings always kept as a single piece when they occur in text")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--normalization", default="identity",
-                   help="SentencePiece normalization rule: identity (default, keeps text as is), nfkc, nmt_nfkc")
+                   help="SentencePiece normalization rule: identity (default: characters kept as they are), nfkc, "
+                        "nmt_nfkc; whitespace is handled by --remove-extra-whitespaces")
+    p.add_argument("--remove-extra-whitespaces", action=argparse.BooleanOptionalAction, default=True,
+                   help="SentencePiece's remove_extra_whitespaces, stored in the model, so it applies when text is "
+                        "encoded too: leading, trailing and repeated spaces are dropped (indentation and runs of "
+                        "spaces do not survive encode/decode). Default: on (SentencePiece's default, and the "
+                        "tokenizers trained here so far). --no-remove-extra-whitespaces keeps every space (round "
+                        "trip exact up to normalization); preprocess_data.py then encodes without its segment "
+                        "cache, more slowly")
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines are skipped by the trainer")
     p.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="sentences sampled for training (0: all)")
@@ -49,9 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _lines(path: Path, json_key: str):
-    """Training sentences of one file; JSONL documents are cut into their lines."""
+    """Training sentences of one file; JSONL documents are cut into their lines. ValueError naming
+    the file (and line) for anything that is not text to train on."""
+    try:
+        yield from _read_lines(path, json_key)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason}, byte 0x{exc.object[exc.start]:02x})") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot read: {exc}") from None
+
+
+def _read_lines(path: Path, json_key: str):
     name = path.name
-    is_json = name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+    is_json = _is_json(path)
     opener = gzip.open if name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="strict") as f:
         for lineno, line in enumerate(f, start=1):
@@ -67,7 +86,21 @@ def _lines(path: Path, json_key: str):
                 raise ValueError(f"{path}:{lineno}: cannot read key {json_key!r}: {type(exc).__name__}: {exc}") from None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: key {json_key!r} holds {type(text).__name__}, not a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a \ud800 escape: SentencePiece cannot take the str
+                raise ValueError(f"{path}:{lineno}: key {json_key!r} holds a lone surrogate "
+                                 f"(U+{ord(text[exc.start]):04X} at character {exc.start}): not Unicode text") from None
             yield from (s for s in text.split("\n") if s.strip())
+
+
+def _is_json(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+
+
+def _one_line(exc: Exception) -> str:
+    """SentencePiece's message without the pybind "At:" frames, on one line."""
+    return " ".join(str(exc).split("\n\nAt:")[0].split())
 
 
 def main(argv=None) -> int:
@@ -89,30 +122,47 @@ def main(argv=None) -> int:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=list(args.special_tokens),
         user_defined_symbols=list(args.user_defined_symbols), max_sentence_length=args.max_sentence_length,
         input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True, num_threads=args.threads,
-        split_digits=True, allow_whitespace_only_pieces=False, remove_extra_whitespaces=True,
+        split_digits=True, allow_whitespace_only_pieces=False, remove_extra_whitespaces=args.remove_extra_whitespaces,
         hard_vocab_limit=True,
     )
     prefix = Path(args.model_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     counts = {"sentences": 0, "characters": 0}
+    failure: list[Exception] = []  # an input error raised inside SentencePiece's iterator
 
     def sentences():
-        for f in files:
-            for s in _lines(f, args.json_key):
-                counts["sentences"] += 1
-                counts["characters"] += len(s)
-                yield s
+        try:
+            for f in files:
+                for s in _lines(f, args.json_key):
+                    counts["sentences"] += 1
+                    counts["characters"] += len(s)
+                    yield s
+        except ValueError as exc:
+            failure.append(exc)  # SentencePiece re-raises it as "INTERNAL: ... At: <frames>"
+            raise
 
+    stream = sentences()
+    try:
+        first = next(stream, None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if first is None:
+        print(f"error: {', '.join(map(str, files))}: no text to train on (every line blank"
+              f"{f', or its {args.json_key!r} empty' if any(_is_json(f) for f in files) else ''})",
+              file=sys.stderr)
+        return 1
+    created = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(args.seed)
     start = time.time()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=str(prefix),
-                                       minloglevel=2, **settings)
-    except UnicodeDecodeError as exc:
-        print(f"error: input is not UTF-8: {exc}", file=sys.stderr)
-        return 1
+        spm.SentencePieceTrainer.train(sentence_iterator=itertools.chain([first], stream),
+                                       model_prefix=str(prefix), minloglevel=2, **settings)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for d in created:  # deepest first; only what this run made, and only if still empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        print(f"error: {failure[0] if failure else _one_line(exc)}", file=sys.stderr)
         return 1
     model = Path(str(prefix) + ".model")
     sp = spm.SentencePieceProcessor(model_file=str(model))
