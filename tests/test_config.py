@@ -39,7 +39,7 @@ def tiny(**sections):
     ({"parallel": {"tp": 2}}, 3, "parallel.tp", "world size 3 is not divisible"),
     ({"model": {"placement": "sandwich"}}, None, "model.placement", "must be one of peri, pre, post, output"),
     ({"model": {"vocab_size": 100}, "tokenizer": {"vocab_size": 1000}}, None, "model.vocab_size", "smaller than"),
-    ({"model": {"vocab_size": None}}, None, "model.vocab_size", "is unknown"),
+    ({"data": {"synthetic_vocab_size": 0}}, None, "data.synthetic_vocab_size", ">= 1"),
     ({"precision": {"preset": "fp8"}}, None, "model.backend", "needs backend 'te'"),
     ({"model": {"backend": "te"}, "precision": {"preset": "fp8", "fp8_recipe": "delayed",
                                                  "fp8_bf16_first_last_layers": 1}},
@@ -92,6 +92,59 @@ def test_vocab_padding_is_layout_independent():
     r1 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
     r2 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000", "parallel.tp=2"])
     assert r1.padded_vocab_size() == r2.padded_vocab_size() == 1024
+
+
+def test_vocabulary_unknown_without_tokenizer_or_synthetic_data(tmp_path):
+    path = write(tmp_path, tiny(data={"synthetic": False, "prefixes": ["corpus_text_document"]}))
+    with pytest.raises(RecipeError, match=r"`model.vocab_size` is unknown: give tokenizer.model"):
+        load_recipe(path, check_environment=False)
+
+
+def test_tiny_recipe_sizes_its_vocabulary_from_the_tokenizer_or_synthetic_data():
+    synthetic = load_recipe(REPO / "recipes/tiny/peri_ln.yaml")
+    assert synthetic.model.vocab_size is None
+    assert (synthetic.data_vocab_size(), synthetic.padded_vocab_size()) == (256, 256)
+    wider = load_recipe(REPO / "recipes/tiny/pre_ln.yaml", ["data.synthetic_vocab_size=300"])
+    assert (wider.data_vocab_size(), wider.padded_vocab_size()) == (300, 384)
+    fixed = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
+    assert (fixed.data_vocab_size(), fixed.padded_vocab_size()) == (1000, 1024)
+
+
+@pytest.fixture(scope="module")
+def spm_400(tmp_path_factory):
+    """A byte-fallback SentencePiece model of 400 pieces (every such model has more than 256)."""
+    import sentencepiece
+
+    from corpus import TINYSHAKESPEARE, read_text
+
+    tmp = tmp_path_factory.mktemp("spm")
+    (tmp / "text.txt").write_text(read_text(TINYSHAKESPEARE)[:100_000])
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp / "text.txt"), model_prefix=str(tmp / "spm"),
+                                             vocab_size=400, model_type="bpe", byte_fallback=True,
+                                             minloglevel=2)
+    return tmp / "spm.model"
+
+
+def test_tiny_recipe_takes_a_real_tokenizer(spm_400):
+    from periln_megatron.data import resolve_tokenizer
+
+    recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml",
+                         ["tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
+    info = resolve_tokenizer(recipe)
+    assert (info.vocab_size, info.eod) == (400, 2)
+    assert (recipe.data_vocab_size(), recipe.padded_vocab_size()) == (400, 512)
+
+
+def test_too_small_fixed_vocabulary_names_the_tokenizer_file_its_size_and_the_key(spm_400, capsys):
+    from periln_megatron.cli import train_main
+
+    code = train_main(["--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set", "model.vocab_size=256",
+                       "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "`model.vocab_size` = 256 is smaller than the 400 tokens of tokenizer.model " \
+        f"{spm_400} (SentencePieceTokenizer)" in err, err
+    assert "model.vocab_size to null" in err and "512" in err, err
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
