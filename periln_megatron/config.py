@@ -29,7 +29,7 @@ class ModelConfig:
     num_attention_heads: int = 4  # query heads; divides hidden_size
     num_query_groups: int | None = None  # key/value heads (grouped-query attention); null: multi-head attention
     ffn_hidden_size: int | None = None  # SwiGLU MLP width; null: 8/3 * hidden_size, rounded up to 64
-    placement: str = "peri"  # where the norms sit: peri (around each sublayer), pre, post, or output (after the residual add)
+    placement: str = "peri"  # where the norms sit: peri (around each sublayer), pre, post, output (after the add)
     backend: str = "local"  # layer implementation: local (megatron-core, runs on CPU) or te (Transformer Engine, GPU)
     normalization: str = "RMSNorm"  # the norm every placement uses
     norm_epsilon: float = 1e-5  # epsilon of every norm
@@ -38,7 +38,7 @@ class ModelConfig:
     rotary_base: int = 10000  # RoPE base
     untie_embeddings: bool = True  # separate output-layer weights; false: share the input embedding
     init_method_std: float = 0.02  # std of the normal weight init
-    vocab_size: int | None = None  # embedding rows before padding; null: the tokenizer's size (else data.synthetic_vocab_size)
+    vocab_size: int | None = None  # embedding rows (padded); null: the tokenizer's size, or data.synthetic_vocab_size
     make_vocab_size_divisible_by: int = 128  # the vocabulary is padded up to a multiple of lcm(this, parallel.tp)
     hidden_dropout: float = 0.0  # dropout on each sublayer's output
     attention_dropout: float = 0.0  # dropout on the attention probabilities
@@ -101,7 +101,7 @@ class TrainConfig:
     seed: int = 1234  # initialisation and data-order seed
     eval_interval: int = 0  # validate every this many steps; 0: no periodic validation
     eval_iters: int = 2  # validation batches per evaluation
-    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save, then exit 75 on these (SIGINT always)
+    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and exit 75 on these (and SIGINT)
     # Minutes a collective (or the rendezvous) waits for a missing rank before it raises: the
     # process-group timeout (Megatron-LM's --distributed-timeout-minutes). Bounds how long a hung
     # rank stalls the others. Must exceed the longest wait at one collective: a checkpoint save or
@@ -111,10 +111,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    prefixes: list = field(default_factory=list)  # indexed .bin/.idx paths without suffix: [prefix, ...] or [weight, prefix, weight, prefix, ...]
+    # indexed .bin/.idx paths without the suffix: [prefix, ...] or [weight, prefix, weight, prefix, ...]
+    prefixes: list = field(default_factory=list)
     split: str = "98,2,0"  # train,valid,test shares of each prefix's documents
     synthetic: bool = False  # megatron-core's mock data (counting token ids) instead of data.prefixes
-    synthetic_vocab_size: int = 256  # synthetic data's vocabulary when neither a tokenizer nor model.vocab_size gives one
+    synthetic_vocab_size: int = 256  # synthetic data's vocabulary when no tokenizer or model.vocab_size gives one
     cache_dir: str | None = None  # GPTDataset index cache; None: <run_dir>/data_cache
 
 

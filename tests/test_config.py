@@ -88,6 +88,24 @@ def test_overrides_and_base_merge(tmp_path):
     assert load_recipe(again).to_dict() == recipe.to_dict()
 
 
+def test_base_resolves_as_docs_recipes_md_says(tmp_path, monkeypatch):
+    """A relative `base:` is relative to the file naming it; keys merge per section, lists are replaced
+    whole; --set comes last and a later --set of a key wins."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "exp").mkdir()
+    write(tmp_path / "shared", tiny(train={"exit_signals": ["SIGTERM", "SIGUSR1"], "steps": 30}), "root.yaml")
+    write(tmp_path / "shared", {"base": "root.yaml", "model": {"num_layers": 6}}, "mid.yaml")
+    leaf = write(tmp_path / "exp", {"base": "../shared/mid.yaml", "train": {"exit_signals": ["SIGUSR2"]},
+                                    "model": {"hidden_size": 96, "num_attention_heads": 4}})
+    monkeypatch.chdir(tmp_path / "exp")  # not where the bases are
+    recipe = load_recipe(leaf, ["model.num_layers=2", "model.num_layers=8"])
+    assert (recipe.model.num_layers, recipe.model.hidden_size, recipe.model.seq_length) == (8, 96, 64)
+    assert (recipe.train.exit_signals, recipe.train.steps) == (["SIGUSR2"], 30)
+    write(tmp_path / "shared", {"base": "mid.yaml"}, "root.yaml")
+    with pytest.raises(RecipeError, match=r"`base` chain loops back to itself"):
+        load_recipe(leaf)
+
+
 def test_vocab_padding_is_layout_independent():
     r1 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
     r2 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000", "parallel.tp=2"])
