@@ -11,7 +11,8 @@ import sys
 from periln_megatron.config import RecipeError, load_recipe
 
 EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1, Ctrl-C (SIGINT) or --exit-after-minutes
-(requeue); 130 Ctrl-C pressed twice: stopped at once without saving; 3 loss or grad norm became NaN/Inf;
+(requeue); 130 Ctrl-C pressed again 0.5 s or more after the first (presses within 0.5 s of it count as
+one): stopped at once without saving; 3 loss or grad norm became NaN/Inf;
 2 invalid recipe or arguments, or checkpoint.dir / the run dir in use by another run (one run per directory).
 Under torchrun launch with `periln-launch` (= python -m periln_megatron.launch, torchrun's arguments):
 torchrun itself exits 1 whatever the ranks' status; periln-launch exits with it (75: requeue)."""
@@ -36,6 +37,9 @@ def _train_main(argv: list[str] | None) -> int:
         prog="periln-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a Peri-LN (or baseline) GPT with megatron-core. Launch one process per device with "
                     "periln-launch (torchrun's arguments) or srun; resumes automatically from checkpoint.dir.")
+    parser.add_argument("--help-recipe", action=_RecipeReference, nargs=0,
+                        help="print every recipe key (type, default, allowed values, meaning), how `base:` and "
+                             "--set combine, and how the vocabulary is sized, then exit (= docs/recipes.md)")
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/peri_ln/400m.yaml")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override recipe keys, e.g. --set model.num_layers=4 parallel.tp=2 (values are YAML)")
@@ -86,6 +90,16 @@ def _train_main(argv: list[str] | None) -> int:
     finally:
         runtime.shutdown()
         run_lock.release_all()
+
+
+class _RecipeReference(argparse.Action):
+    """--help-recipe: like --help, it prints and exits before --recipe is required."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from periln_megatron.recipe_reference import reference_markdown
+
+        sys.stdout.write(reference_markdown())
+        parser.exit(0)
 
 
 def _storage_error(error: BaseException) -> OSError | None:

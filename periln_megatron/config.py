@@ -1,7 +1,8 @@
 """The recipe schema: typed sections loaded from YAML, `--set` overrides, validation.
 
 A recipe may start with `base: other.yaml` (relative to itself); its keys are merged over the
-base's. Every error names the file and the dotted key.
+base's. Every error names the file and the dotted key. Each field's comment is its meaning in the
+reference generated from this schema (periln_megatron/recipe_reference.py, docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -25,26 +26,26 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head attention
-    ffn_hidden_size: int | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
-    placement: str = "peri"  # peri | pre | post | output
-    backend: str = "local"  # local | te
-    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
-    norm_epsilon: float = 1e-5
-    embedding_norm: bool = False
-    seq_length: int = 128
-    rotary_base: int = 10000
-    untie_embeddings: bool = True
-    init_method_std: float = 0.02
-    vocab_size: int | None = None  # None: the tokenizer's size, padded
-    make_vocab_size_divisible_by: int = 128
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    recompute: str = "none"  # none | selective | full
-    recompute_num_layers: int = 1
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # width of the residual stream
+    num_attention_heads: int = 4  # query heads; divides hidden_size
+    num_query_groups: int | None = None  # key/value heads (grouped-query attention); null: multi-head attention
+    ffn_hidden_size: int | None = None  # SwiGLU MLP width; null: 8/3 * hidden_size, rounded up to 64
+    placement: str = "peri"  # where the norms sit: peri (around each sublayer), pre, post, output (after the add)
+    backend: str = "local"  # layer implementation: local (megatron-core, runs on CPU) or te (Transformer Engine, GPU)
+    normalization: str = "RMSNorm"  # the norm every placement uses
+    norm_epsilon: float = 1e-5  # epsilon of every norm
+    embedding_norm: bool = False  # also normalise the embedding output (Peri-LN's optional input norm)
+    seq_length: int = 128  # tokens per training sequence (and the RoPE length)
+    rotary_base: int = 10000  # RoPE base
+    untie_embeddings: bool = True  # separate output-layer weights; false: share the input embedding
+    init_method_std: float = 0.02  # std of the normal weight init
+    vocab_size: int | None = None  # embedding rows (padded); null: the tokenizer's size, or data.synthetic_vocab_size
+    make_vocab_size_divisible_by: int = 128  # the vocabulary is padded up to a multiple of lcm(this, parallel.tp)
+    hidden_dropout: float = 0.0  # dropout on each sublayer's output
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
+    recompute: str = "none"  # activation recomputation: none, selective (core attention) or full (whole layers)
+    recompute_num_layers: int = 1  # layers per recomputed chunk with recompute: full
     # On a GPU in bf16/fp8: megatron-core's fused cross-entropy (same FP32 softmax and gradient as the
     # unfused loss, fewer kernels). fp32/fp16 runs and CPU use the unfused loss (the native kernel
     # rounds its gradient to bf16). false: megatron's unfused loss everywhere (deterministic).
@@ -63,52 +64,51 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    cp: int = 1
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    # parameters per DDP bucket; null: megatron's default (max(40M, 1M x DP) with overlap_grad_reduce)
-    ddp_bucket_size: int | None = None
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule); null: none
+    cp: int = 1  # context-parallel size
+    sequence_parallel: bool = False  # shard norms and dropout along the sequence over the TP group
+    distributed_optimizer: bool = True  # shard the fp32 params and Adam moments over data-parallel ranks
+    overlap_grad_reduce: bool = False  # overlap the gradient reduce with the backward pass
+    overlap_param_gather: bool = False  # overlap the parameter all-gather with the forward pass
+    ddp_bucket_size: int | None = None  # parameters per DDP bucket; null: megatron's (max(40M, 1M x DP) with overlap)
 
 
 @dataclass
 class PrecisionConfig:
-    preset: str = "fp32"  # fp32 | bf16 | fp16 | fp8
-    fp8_format: str = "hybrid"  # hybrid | e4m3
-    fp8_recipe: str = "tensorwise"  # delayed | tensorwise | mxfp8 | blockwise
+    preset: str = "fp32"  # compute precision (fp8 needs backend: te)
+    fp8_format: str = "hybrid"  # fp8 format: hybrid (E4M3 forward, E5M2 backward) or e4m3
+    fp8_recipe: str = "tensorwise"  # fp8 scaling recipe
     fp8_bf16_first_last_layers: int = 0  # keep this many layers at each end in BF16
-    initial_loss_scale: float = 4294967296.0  # fp16 dynamic loss scaling
-    min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
+    initial_loss_scale: float = 4294967296.0  # fp16: initial dynamic loss scale
+    min_loss_scale: float = 1.0  # fp16: the loss scale never drops below this
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the scale grows
+    hysteresis: int = 2  # fp16: overflows tolerated before the scale shrinks
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_style: str = "cosine"  # cosine | linear | constant | WSD
+    lr: float = 1e-3  # peak learning rate (Adam)
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # AdamW weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # clip the global gradient norm to this
+    warmup_steps: int = 0  # linear warmup steps; below train.steps
+    decay_style: str = "cosine"  # learning-rate decay after warmup, down to min_lr
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    global_batch_size: int = 8
-    micro_batch_size: int = 2
-    seed: int = 1234
-    eval_interval: int = 0  # 0: no periodic validation
-    eval_iters: int = 2
-    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    steps: int = 20  # optimizer steps of the whole run
+    global_batch_size: int = 8  # sequences per step, all ranks together
+    micro_batch_size: int = 2  # sequences per forward pass on one rank
+    seed: int = 1234  # initialisation and data-order seed
+    eval_interval: int = 0  # validate every this many steps; 0: no periodic validation
+    eval_iters: int = 2  # validation batches per evaluation
+    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and exit 75 on these (and SIGINT)
     # Minutes a collective (or the rendezvous) waits for a missing rank before it raises: the
     # process-group timeout (Megatron-LM's --distributed-timeout-minutes). Bounds how long a hung
     # rank stalls the others. Must exceed the longest wait at one collective: a checkpoint save or
@@ -118,27 +118,29 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    prefixes: list = field(default_factory=list)  # [prefix, ...] or [weight, prefix, weight, prefix, ...]
-    split: str = "98,2,0"
-    synthetic: bool = False  # random tokens; only when a recipe asks for it
+    # indexed .bin/.idx paths without the suffix: [prefix, ...] or [weight, prefix, weight, prefix, ...]
+    prefixes: list = field(default_factory=list)
+    split: str = "98,2,0"  # train,valid,test shares of each prefix's documents
+    synthetic: bool = False  # megatron-core's mock data (counting token ids) instead of data.prefixes
+    synthetic_vocab_size: int = 256  # synthetic data's vocabulary when no tokenizer or model.vocab_size gives one
     cache_dir: str | None = None  # GPTDataset index cache; None: <run_dir>/data_cache
 
 
 @dataclass
 class TokenizerConfig:
-    type: str | None = None  # SentencePieceTokenizer | HuggingFaceTokenizer | TikTokenizer | None
-    model: str | None = None  # path to the .model / tokenizer dir / .tiktoken file
-    vocab_size: int | None = None  # the tokenizer's own size; read from the model when it is given
+    type: str | None = None  # the tokenizer library; null: no tokenizer (synthetic data or a fixed model.vocab_size)
+    model: str | None = None  # path to the SentencePiece .model, HF tokenizer dir, or .tiktoken file
+    vocab_size: int | None = None  # the tokenizer's own size: read from tokenizer.model; if also given, must match it
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None  # None: no checkpoints
-    interval: int = 0  # 0: only at the end and on preemption
-    keep: int = 2
-    async_save: bool = False  # write checkpoints from a background process (megatron AsyncCallsQueue)
+    dir: str | None = None  # where checkpoints are saved and resumed from; null: no checkpoints
+    interval: int = 0  # save every this many steps; 0: only at the end and on preemption
+    keep: int = 2  # newest checkpoints kept; older ones are deleted
+    async_save: bool = False  # save in the background while training goes on (a writer process; megatron's AsyncCallsQueue)
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
-    save_at_end: bool = True
+    save_at_end: bool = True  # save after the last step
     on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
     # How checkpoints are written and read; both load under any TP/PP/DP and read each other's.
     # fully_parallel: every rank writes its own optimizer shard and a share of the model tensors, no
@@ -149,31 +151,31 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    interval: int = 1
-    run_dir: str | None = None  # None: checkpoint.dir, else runs/<name>
-    tensorboard: bool = True
+    interval: int = 1  # log every this many steps
+    run_dir: str | None = None  # metrics.jsonl, recipe.yaml and TensorBoard; null: checkpoint.dir, else runs/<name>
+    tensorboard: bool = True  # also write TensorBoard events (when tensorboard is installed)
     # Dense peak TFLOP/s of one GPU at the recipe's precision, for MFU; None: from the table of known
     # GPUs (periln_megatron/flops.py). Throughput (tokens/s/GPU, TFLOP/s/GPU) is logged either way.
     peak_tflops: float | None = None
     # Weights & Biases (Megatron-LM's --wandb-project / --wandb-entity / --wandb-exp-name /
     # --wandb-save-dir), from rank 0 only. On when wandb_project is set (needs `pip install wandb`).
     wandb_project: str | None = None
-    wandb_entity: str | None = None  # None: the logged-in user's default entity
+    wandb_entity: str | None = None  # W&B team or user; None: the logged-in user's default entity
     wandb_name: str | None = None  # the run's display name; None: the recipe's `name`
-    wandb_mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else online
+    wandb_mode: str | None = None  # null: $WANDB_MODE, else online
     wandb_dir: str | None = None  # where wandb writes its wandb/ folder; None: the run dir
 
 
 @dataclass
 class DiagnosticsConfig:
-    interval: int = 0  # 0: off
-    spike_window: int = 50
-    spike_factor: float = 3.0
+    interval: int = 0  # record per-layer variance, max |activation| and grad norms every this many steps; 0: off
+    spike_window: int = 50  # steps of the running median a loss/grad-norm spike is measured against
+    spike_factor: float = 3.0  # a value above this times the running median is a spike
 
 
 @dataclass
 class Recipe:
-    name: str = "run"
+    name: str = "run"  # the run's name (runs/<name>, W&B run name)
     nominal_size: str | None = None  # e.g. "400M", "3.2B": periln-params checks the total is within 10%
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -203,10 +205,16 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.logging.run_dir or self.checkpoint.dir or f"runs/{self.name}")
 
+    def data_vocab_size(self) -> int | None:
+        """The token ids' range: the tokenizer's size, else model.vocab_size, else (synthetic data, no
+        tokenizer) data.synthetic_vocab_size."""
+        synthetic = self.data.synthetic_vocab_size if self.data.synthetic and not self.tokenizer.model else None
+        return self.tokenizer.vocab_size or self.model.vocab_size or synthetic
+
     def padded_vocab_size(self) -> int:
         """Padded to lcm(make_vocab_size_divisible_by, tp), not their product as Megatron-LM does, so
         the embedding's shape does not depend on the layout and checkpoints reshard across TP."""
-        size = self.model.vocab_size or self.tokenizer.vocab_size
+        size = self.model.vocab_size or self.data_vocab_size()
         multiple = math.lcm(self.model.make_vocab_size_divisible_by, self.parallel.tp)
         return -(-size // multiple) * multiple
 
@@ -453,15 +461,18 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
         fail("tokenizer.type", "is required when tokenizer.model is given")
     if check_environment and tok.model and not Path(tok.model).exists():
         fail("tokenizer.model", f"file not found: {tok.model}")
-    if not (m.vocab_size or tok.vocab_size or tok.model):
-        fail("model.vocab_size", "is unknown: give tokenizer.model, tokenizer.vocab_size or model.vocab_size")
+    if recipe.data.synthetic_vocab_size < 1:
+        fail("data.synthetic_vocab_size", f"must be >= 1, got {recipe.data.synthetic_vocab_size}")
     if m.vocab_size and tok.vocab_size and m.vocab_size < tok.vocab_size:
-        fail("model.vocab_size", f"= {m.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens")
+        fail("model.vocab_size", f"= {m.vocab_size} is smaller than tokenizer.vocab_size = {tok.vocab_size}: "
+             "set model.vocab_size to null (the tokenizer's size, padded) or at least that")
 
     for prefix in check_data(recipe, fail):
         for ext in (".bin", ".idx") if check_environment else ():
             if not Path(prefix + ext).is_file():
                 fail("data.prefixes", f"entry {prefix}: {prefix + ext} not found")
+    if not (tok.model or recipe.data_vocab_size()):
+        fail("model.vocab_size", "is unknown: give tokenizer.model, tokenizer.vocab_size or model.vocab_size")
 
     prec = recipe.precision
     if prec.preset == "fp8":

@@ -8,6 +8,7 @@ would have seen.
 from __future__ import annotations
 
 import errno
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def check_prefixes(recipe: Recipe) -> None:
     if recipe.data.synthetic:
         return
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
-    vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
+    vocab = recipe.data_vocab_size()
     for prefix in split_blend(recipe.data.prefixes)[0]:
         num_documents, lengths = verified_sequence_lengths(prefix)
         if lengths.sum() == 0:  # np.memmap of the empty .bin: "cannot mmap an empty file", naming none
@@ -201,10 +202,11 @@ class TokenIdError(ValueError):
 
 
 def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
-    """Read the tokenizer's size and EOD id; fill in tokenizer.vocab_size; check model.vocab_size against it."""
+    """Read the tokenizer's size and EOD id; fill in tokenizer.vocab_size; check model.vocab_size against it.
+    Without a tokenizer the size is model.vocab_size, or for synthetic data data.synthetic_vocab_size."""
     from periln_megatron.config import RecipeError
 
-    tok = recipe.tokenizer
+    tok, m = recipe.tokenizer, recipe.model
     if tok.model:
         from periln_megatron.tokenizer import load_tokenizer
 
@@ -214,10 +216,17 @@ def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
                               f"has {loaded.vocab_size} tokens")
         tok.vocab_size = loaded.vocab_size
         eod = loaded.eod_id
+        if m.vocab_size is not None and m.vocab_size < loaded.vocab_size:
+            multiple = math.lcm(m.make_vocab_size_divisible_by, recipe.parallel.tp)
+            raise RecipeError(
+                f"{recipe.source}: `model.vocab_size` = {m.vocab_size} is smaller than the {loaded.vocab_size} "
+                f"tokens of tokenizer.model {tok.model} ({tok.type}): set model.vocab_size to null (the "
+                f"tokenizer's size padded to a multiple of {multiple}: {-(-loaded.vocab_size // multiple) * multiple}) "
+                f"or to at least {loaded.vocab_size}")
     else:
         eod = 0
-    size = tok.vocab_size or recipe.model.vocab_size
-    if recipe.model.vocab_size is not None and recipe.model.vocab_size < size:
-        raise RecipeError(f"{recipe.source}: `model.vocab_size` = {recipe.model.vocab_size} is smaller than the "
+    size = recipe.data_vocab_size()
+    if m.vocab_size is not None and m.vocab_size < size:
+        raise RecipeError(f"{recipe.source}: `model.vocab_size` = {m.vocab_size} is smaller than the "
                           f"tokenizer's {size} tokens")
     return TokenizerInfo(vocab_size=size, eod=eod)

@@ -407,7 +407,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
 
     train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    true_vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
+    true_vocab = recipe.data_vocab_size()
     needs_data = any(unwrap_model(c).pre_process or unwrap_model(c).post_process for c in chunks)
     pin = torch.cuda.is_available()
     train_batches = BatchPrefetcher(MicroBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,

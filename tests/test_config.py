@@ -39,7 +39,7 @@ def tiny(**sections):
     ({"parallel": {"tp": 2}}, 3, "parallel.tp", "world size 3 is not divisible"),
     ({"model": {"placement": "sandwich"}}, None, "model.placement", "must be one of peri, pre, post, output"),
     ({"model": {"vocab_size": 100}, "tokenizer": {"vocab_size": 1000}}, None, "model.vocab_size", "smaller than"),
-    ({"model": {"vocab_size": None}}, None, "model.vocab_size", "is unknown"),
+    ({"data": {"synthetic_vocab_size": 0}}, None, "data.synthetic_vocab_size", ">= 1"),
     ({"precision": {"preset": "fp8"}}, None, "model.backend", "needs backend 'te'"),
     ({"model": {"backend": "te"}, "precision": {"preset": "fp8", "fp8_recipe": "delayed",
                                                  "fp8_bf16_first_last_layers": 1}},
@@ -88,10 +88,81 @@ def test_overrides_and_base_merge(tmp_path):
     assert load_recipe(again).to_dict() == recipe.to_dict()
 
 
+def test_base_resolves_as_docs_recipes_md_says(tmp_path, monkeypatch):
+    """A relative `base:` is relative to the file naming it; keys merge per section, lists are replaced
+    whole; --set comes last and a later --set of a key wins."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "exp").mkdir()
+    write(tmp_path / "shared", tiny(train={"exit_signals": ["SIGTERM", "SIGUSR1"], "steps": 30}), "root.yaml")
+    write(tmp_path / "shared", {"base": "root.yaml", "model": {"num_layers": 6}}, "mid.yaml")
+    leaf = write(tmp_path / "exp", {"base": "../shared/mid.yaml", "train": {"exit_signals": ["SIGUSR2"]},
+                                    "model": {"hidden_size": 96, "num_attention_heads": 4}})
+    monkeypatch.chdir(tmp_path / "exp")  # not where the bases are
+    recipe = load_recipe(leaf, ["model.num_layers=2", "model.num_layers=8"])
+    assert (recipe.model.num_layers, recipe.model.hidden_size, recipe.model.seq_length) == (8, 96, 64)
+    assert (recipe.train.exit_signals, recipe.train.steps) == (["SIGUSR2"], 30)
+    write(tmp_path / "shared", {"base": "mid.yaml"}, "root.yaml")
+    with pytest.raises(RecipeError, match=r"`base` chain loops back to itself"):
+        load_recipe(leaf)
+
+
 def test_vocab_padding_is_layout_independent():
     r1 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
     r2 = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000", "parallel.tp=2"])
     assert r1.padded_vocab_size() == r2.padded_vocab_size() == 1024
+
+
+def test_vocabulary_unknown_without_tokenizer_or_synthetic_data(tmp_path):
+    path = write(tmp_path, tiny(data={"synthetic": False, "prefixes": ["corpus_text_document"]}))
+    with pytest.raises(RecipeError, match=r"`model.vocab_size` is unknown: give tokenizer.model"):
+        load_recipe(path, check_environment=False)
+
+
+def test_tiny_recipe_sizes_its_vocabulary_from_the_tokenizer_or_synthetic_data():
+    synthetic = load_recipe(REPO / "recipes/tiny/peri_ln.yaml")
+    assert synthetic.model.vocab_size is None
+    assert (synthetic.data_vocab_size(), synthetic.padded_vocab_size()) == (256, 256)
+    wider = load_recipe(REPO / "recipes/tiny/pre_ln.yaml", ["data.synthetic_vocab_size=300"])
+    assert (wider.data_vocab_size(), wider.padded_vocab_size()) == (300, 384)
+    fixed = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", ["model.vocab_size=1000"])
+    assert (fixed.data_vocab_size(), fixed.padded_vocab_size()) == (1000, 1024)
+
+
+@pytest.fixture(scope="module")
+def spm_400(tmp_path_factory):
+    """A byte-fallback SentencePiece model of 400 pieces (every such model has more than 256)."""
+    import sentencepiece
+
+    from corpus import TINYSHAKESPEARE, read_text
+
+    tmp = tmp_path_factory.mktemp("spm")
+    (tmp / "text.txt").write_text(read_text(TINYSHAKESPEARE)[:100_000])
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp / "text.txt"), model_prefix=str(tmp / "spm"),
+                                             vocab_size=400, model_type="bpe", byte_fallback=True,
+                                             minloglevel=2)
+    return tmp / "spm.model"
+
+
+def test_tiny_recipe_takes_a_real_tokenizer(spm_400):
+    from periln_megatron.data import resolve_tokenizer
+
+    recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml",
+                         ["tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
+    info = resolve_tokenizer(recipe)
+    assert (info.vocab_size, info.eod) == (400, 2)
+    assert (recipe.data_vocab_size(), recipe.padded_vocab_size()) == (400, 512)
+
+
+def test_too_small_fixed_vocabulary_names_the_tokenizer_file_its_size_and_the_key(spm_400, capsys):
+    from periln_megatron.cli import train_main
+
+    code = train_main(["--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set", "model.vocab_size=256",
+                       "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "`model.vocab_size` = 256 is smaller than the 400 tokens of tokenizer.model " \
+        f"{spm_400} (SentencePieceTokenizer)" in err, err
+    assert "model.vocab_size to null" in err and "512" in err, err
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -498,7 +498,8 @@ def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path):
         writer.add_documents(rng.integers(0, 1000, 500).astype(np.int32), np.array([500]))
     writer.commit()
     result = run([*TINY_TRAIN, f"checkpoint.dir={tmp_path / 'ckpt'}", "data.synthetic=false",
-                  f"data.prefixes=[{tmp_path / 'big_vocab'}]", "data.split=90,10,0"], check=False, timeout=120)
+                  f"data.prefixes=[{tmp_path / 'big_vocab'}]", "data.split=90,10,0", "model.vocab_size=256"],
+                 check=False, timeout=120)
     assert result.returncode == 2
     line = _one_line_error(result, "periln-train: error:")
     assert str(tmp_path / "big_vocab") in line and ">= the vocabulary size 256" in line, line

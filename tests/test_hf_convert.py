@@ -249,3 +249,16 @@ def test_import_cli_refusal_names_the_file(tmp_path):
     assert r.returncode == 2
     assert f"{src}/config.json" in r.stdout and "residual_multiplier=0.25" in r.stdout
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_synthetic_tiny_run_exports_its_synthetic_vocabulary(tmp_path):
+    """The tiny recipe's model.vocab_size is null: a synthetic run's saved recipe names no tokenizer, and
+    the export trims the embedding to data.synthetic_vocab_size (what the run trained on)."""
+    from periln_megatron.config import load_recipe
+    from periln_megatron.hf.export import true_vocab_size
+
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(load_recipe(REPO / "recipes/tiny/peri_ln.yaml", check_environment=False).to_yaml())
+    recipe = load_recipe(saved, ["data.synthetic=true", "data.prefixes=[]"], check_environment=False)
+    assert recipe.model.vocab_size is None and recipe.tokenizer.model is None
+    assert (true_vocab_size(recipe), recipe.padded_vocab_size()) == (256, 256)

@@ -160,7 +160,7 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
             (data / (stem + ext)).write_bytes(b"")
     env = {"RECIPE": TINY, "PERILN_TRAIN": "echo ARGS", "TRAIN_STEPS": "7",
            "DATA_PREFIXES": f"0.3,{data}/a_text_document,0.7,{data}/b_text_document",
-           "EXTRA_SETS": "optim.lr=1.0e-3 train.seed=7", "EXTRA_ARGS": "--exit-after-minutes 5",
+           "EXTRA_SETS": "optim.lr=1.0e-3 train.seed=7 model.vocab_size=256", "EXTRA_ARGS": "--exit-after-minutes 5",
            "NCCL_DEBUG": "INFO"}
     job, log = submit(slurm, tmp_path, env, "args")
     info = slurm.wait_job(job, timeout=60)
@@ -171,7 +171,7 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
         f"ARGS --recipe {REPO}/{TINY} --set checkpoint.dir={tmp_path}/ckpt "
         f"--set data.prefixes=[0.3,{data}/a_text_document,0.7,{data}/b_text_document] --set data.synthetic=false "
         "--set train.steps=7 "
-        "--set optim.lr=1.0e-3 --set train.seed=7 --exit-after-minutes 5")
+        "--set optim.lr=1.0e-3 --set train.seed=7 --set model.vocab_size=256 --exit-after-minutes 5")
     assert "training finished (exit 0)" in read(log)
     # each rank bound to its share of the cores, -c passed on to srun
     assert "launch: srun --kill-on-bad-exit=1 --cpus-per-task=1 --cpu-bind=cores " in read(log)
@@ -179,7 +179,9 @@ def test_overrides_reach_the_trainer_command(slurm, tmp_path):
 
 def test_missing_data_prefix_in_recipe_fails_before_launch(slurm, tmp_path):
     recipe = tmp_path / "no_data.yaml"
-    recipe.write_text(f"base: {REPO / TINY}\ndata: {{synthetic: false, prefixes: [{tmp_path}/gone_text_document]}}\n")
+    # real data without a tokenizer: the tiny recipe needs a fixed vocabulary
+    recipe.write_text(f"base: {REPO / TINY}\nmodel: {{vocab_size: 256}}\n"
+                      f"data: {{synthetic: false, prefixes: [{tmp_path}/gone_text_document]}}\n")
     job, log = submit(slurm, tmp_path, {"RECIPE": str(recipe)}, "bad-recipe-data")
     info = slurm.wait_job(job, timeout=60)
     must(info, log, "FAILED", "2:0")

@@ -54,11 +54,14 @@ def load_checkpoint_recipe(iter_dir: Path):
 
 
 def true_vocab_size(recipe) -> int:
-    """The unpadded vocabulary: model.vocab_size if the recipe fixes it, else the tokenizer's size."""
+    """The unpadded vocabulary: model.vocab_size if the recipe fixes it, else the tokenizer's size
+    (data.synthetic_vocab_size for synthetic data without one)."""
     if recipe.model.vocab_size:
         return recipe.model.vocab_size
     if recipe.tokenizer.vocab_size:
         return recipe.tokenizer.vocab_size
+    if not recipe.tokenizer.model:  # synthetic data without a tokenizer
+        return recipe.data_vocab_size()
     from periln_megatron.tokenizer import load_tokenizer
 
     return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.model).vocab_size
