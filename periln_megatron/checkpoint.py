@@ -155,10 +155,13 @@ def shape_differences(saved, new) -> list[str]:
     return diffs
 
 
-def check_resumable(recipe) -> int | None:
+def check_resumable(recipe, world_size: int | None = None, log=print) -> int | None:
     """Before anything is written: the iteration a run will resume from (verified, see
-    `resume_iteration`), and that its saved recipe has the same model shape. Raises CheckpointError."""
-    from periln_megatron.config import RecipeError, load_recipe
+    `resume_iteration`), that its saved recipe has the same model shape, and the same schedule unless
+    checkpoint.on_schedule_change says which wins (periln_megatron/schedule.py; with `checkpoint` the
+    recipe is rewritten in place with the checkpoint's values). Raises CheckpointError or RecipeError."""
+    from periln_megatron import schedule
+    from periln_megatron.config import RecipeError, load_recipe, validate
 
     root = recipe.checkpoint.dir
     iteration = resume_iteration(root, recipe.checkpoint.on_corrupt, log=lambda msg: None)
@@ -175,6 +178,9 @@ def check_resumable(recipe) -> int | None:
     if diffs:
         raise CheckpointError(f"{iteration_dir(root, iteration)} holds a different model ({'; '.join(diffs)}); "
                               f"use another checkpoint.dir, or checkpoint.load for initial weights of the same shape")
+    if has_optimizer_state(iteration_dir(root, iteration)):
+        schedule.reconcile(saved, recipe, iteration_dir(root, iteration), log=log)
+        validate(recipe, world_size, check_environment=False)  # the checkpoint's values under this layout
     return iteration
 
 

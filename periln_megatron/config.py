@@ -90,6 +90,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     decay_style: str = "cosine"  # cosine | linear | constant | WSD
+    decay_steps: int | None = None  # steps the lr decays over, then stays at min_lr; None: train.steps
 
 
 @dataclass
@@ -132,6 +133,9 @@ class CheckpointConfig:
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
     save_at_end: bool = True
     on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
+    # A resume whose schedule (optim.*, train.steps, train.global_batch_size) differs from the checkpoint's:
+    # refuse | checkpoint (continue its schedule; its values are recorded) | recipe (re-plan from this iteration)
+    on_schedule_change: str = "refuse"
     # How checkpoints are written and read; both load under any TP/PP/DP and read each other's.
     # fully_parallel: every rank writes its own optimizer shard and a share of the model tensors, no
     # gather. gathered: megatron-core's fully_reshardable path (each DP rank gathers the full fp32
@@ -351,6 +355,7 @@ CHOICES = {
     "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
     "checkpoint.on_corrupt": ("fail", "previous"),
+    "checkpoint.on_schedule_change": ("refuse", "checkpoint", "recipe"),
     "checkpoint.format": ("fully_parallel", "gathered"),
     "logging.wandb_mode": (None, "online", "offline", "disabled"),
     "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
@@ -408,8 +413,11 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim
-    if not 0 <= o.warmup_steps < t.steps:
-        fail("optim.warmup_steps", f"= {o.warmup_steps} must be >= 0 and below train.steps = {t.steps}")
+    if o.decay_steps is not None and o.decay_steps < 1:
+        fail("optim.decay_steps", f"must be >= 1 (or null: train.steps), got {o.decay_steps}")
+    decay_key, decay = ("optim.decay_steps", o.decay_steps) if o.decay_steps else ("train.steps", t.steps)
+    if not 0 <= o.warmup_steps < decay:
+        fail("optim.warmup_steps", f"= {o.warmup_steps} must be >= 0 and below {decay_key} = {decay}")
     if not 0 <= o.min_lr <= o.lr:
         fail("optim.min_lr", f"= {o.min_lr} must be >= 0 and at most optim.lr = {o.lr}")
 
