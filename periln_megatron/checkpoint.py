@@ -159,9 +159,9 @@ def check_resumable(recipe, world_size: int | None = None, log=print) -> int | N
     """Before anything is written: the iteration a run will resume from (verified, see
     `resume_iteration`), that its saved recipe has the same model shape, and the same schedule unless
     checkpoint.on_schedule_change says which wins (periln_megatron/schedule.py; with `checkpoint` the
-    recipe is rewritten in place with the checkpoint's values). Raises CheckpointError or RecipeError."""
+    recipe is rewritten in place with the checkpoint's values). Raises CheckpointError."""
     from periln_megatron import schedule
-    from periln_megatron.config import RecipeError, load_recipe, validate
+    from periln_megatron.config import RecipeError, load_recipe
 
     root = recipe.checkpoint.dir
     iteration = resume_iteration(root, recipe.checkpoint.on_corrupt, log=lambda msg: None)
@@ -179,8 +179,7 @@ def check_resumable(recipe, world_size: int | None = None, log=print) -> int | N
         raise CheckpointError(f"{iteration_dir(root, iteration)} holds a different model ({'; '.join(diffs)}); "
                               f"use another checkpoint.dir, or checkpoint.load for initial weights of the same shape")
     if has_optimizer_state(iteration_dir(root, iteration)):
-        schedule.reconcile(saved, recipe, iteration_dir(root, iteration), log=log)
-        validate(recipe, world_size, check_environment=False)  # the checkpoint's values under this layout
+        schedule.reconcile(saved, recipe, iteration_dir(root, iteration), world_size, log=log)
     return iteration
 
 

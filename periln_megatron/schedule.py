@@ -55,11 +55,12 @@ def differences(saved, new) -> list[str]:
     return diffs
 
 
-def reconcile(saved, recipe, where, log=print) -> None:
+def reconcile(saved, recipe, where, world_size: int | None = None, log=print) -> None:
     """Apply recipe.checkpoint.on_schedule_change to a resume of the checkpoint `where`, whose recipe
     is `saved`: raise (refuse), rewrite `recipe` in place with the checkpoint's schedule (checkpoint),
     or keep it (recipe). Before anything is written, so every record shows the values used."""
     from periln_megatron.checkpoint import CheckpointError
+    from periln_megatron.config import RecipeError, validate
 
     diffs = differences(saved, recipe)
     if not diffs:
@@ -76,6 +77,11 @@ def reconcile(saved, recipe, where, log=print) -> None:
         for key in SCHEDULE_KEYS:
             _set(recipe, key, _get(saved, key))
         recipe.optim.decay_steps = None if kept_decay == recipe.train.steps else kept_decay
+        try:  # e.g. the checkpoint's global batch under this layout
+            validate(recipe, world_size, check_environment=False)
+        except RecipeError as e:
+            raise CheckpointError(f"{where}: its schedule does not fit this run "
+                                  f"(checkpoint.on_schedule_change=checkpoint): {e}") from None
         log(f"checkpoint.on_schedule_change=checkpoint: continuing the schedule of {where} ({listed}: "
             f"the checkpoint's values are used and recorded"
             + (f"; optim.decay_steps={kept_decay}" if recipe.optim.decay_steps else "") + ")")

@@ -133,6 +133,20 @@ def test_each_choice_trains_with_the_lr_its_recorded_recipe_gives(base, tmp_path
         assert "lr: 1.0" not in card
 
 
+def test_the_checkpoints_schedule_that_does_not_fit_this_run_is_one_line(base, tmp_path):
+    """Continuing the checkpoint's schedule brings back its global batch (8), which this run's micro
+    batch (16) does not divide: one line naming the checkpoint and the key, nothing written."""
+    ckpt = _copy(base, tmp_path)
+    before = _snapshot(ckpt)
+    result = run([*TRAIN, f"checkpoint.dir={ckpt}", "train.steps=3", "train.global_batch_size=16",
+                  "train.micro_batch_size=16", "checkpoint.on_schedule_change=checkpoint"], check=False, timeout=180)
+    assert result.returncode == 2 and "Traceback" not in result.stdout, result.stdout[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("periln-train: error:")]
+    assert len(lines) == 1 and str(ckpt / "iter_0000003") in lines[0], result.stdout[-3000:]
+    assert "`train.global_batch_size` = 8 is not divisible by train.micro_batch_size" in lines[0], lines[0]
+    assert _snapshot(ckpt) == before
+
+
 def test_an_unchanged_schedule_resumes_without_a_choice(base, tmp_path):
     """A resume with the checkpoint's own schedule (a requeue) needs no choice; an explicit
     optim.decay_steps equal to the old length lets a finished run go on without changing its schedule."""
