@@ -140,7 +140,8 @@ def run_checks(smoke: Smoke) -> None:
         name = f"resume-{first}-to-{second}"
         code, _, log = smoke.train(name, RECIPES["peri"], [f"model.backend={first}", "train.steps=3"])
         if code == 0:
-            code, losses, log = smoke.train(name, RECIPES["peri"], [f"model.backend={second}"])
+            code, losses, log = smoke.train(name, RECIPES["peri"], [f"model.backend={second}",
+                                                                    "checkpoint.on_schedule_change=checkpoint"])
             ok_resume = code == 0 and "resumed from iteration 3" in log and all(map(math.isfinite, losses))
         else:
             ok_resume = False
