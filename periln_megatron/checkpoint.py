@@ -155,9 +155,12 @@ def shape_differences(saved, new) -> list[str]:
     return diffs
 
 
-def check_resumable(recipe) -> int | None:
+def check_resumable(recipe, world_size: int | None = None, log=print) -> int | None:
     """Before anything is written: the iteration a run will resume from (verified, see
-    `resume_iteration`), and that its saved recipe has the same model shape. Raises CheckpointError."""
+    `resume_iteration`), that its saved recipe has the same model shape, and the same schedule unless
+    checkpoint.on_schedule_change says which wins (periln_megatron/schedule.py; with `checkpoint` the
+    recipe is rewritten in place with the checkpoint's values). Raises CheckpointError."""
+    from periln_megatron import schedule
     from periln_megatron.config import RecipeError, load_recipe
 
     root = recipe.checkpoint.dir
@@ -175,6 +178,8 @@ def check_resumable(recipe) -> int | None:
     if diffs:
         raise CheckpointError(f"{iteration_dir(root, iteration)} holds a different model ({'; '.join(diffs)}); "
                               f"use another checkpoint.dir, or checkpoint.load for initial weights of the same shape")
+    if has_optimizer_state(iteration_dir(root, iteration)):
+        schedule.reconcile(saved, recipe, iteration_dir(root, iteration), world_size, log=log)
     return iteration
 
 

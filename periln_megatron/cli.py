@@ -13,7 +13,8 @@ from periln_megatron.config import RecipeError, load_recipe
 EPILOG = """exit status: 0 finished; 75 saved after SIGTERM/SIGUSR1, Ctrl-C (SIGINT) or --exit-after-minutes
 (requeue); 130 Ctrl-C pressed again 0.5 s or more after the first (presses within 0.5 s of it count as
 one): stopped at once without saving; 3 loss or grad norm became NaN/Inf;
-2 invalid recipe or arguments, or checkpoint.dir / the run dir in use by another run (one run per directory).
+2 invalid recipe or arguments, a checkpoint that cannot be resumed (damaged, another model shape, or another
+schedule without checkpoint.on_schedule_change), or checkpoint.dir / the run dir in use by another run.
 Under torchrun launch with `periln-launch` (= python -m periln_megatron.launch, torchrun's arguments):
 torchrun itself exits 1 whatever the ranks' status; periln-launch exits with it (75: requeue)."""
 
@@ -52,14 +53,15 @@ def _train_main(argv: list[str] | None) -> int:
     from periln_megatron.runtime import launch_environment, read_dist_env
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides, world_size=read_dist_env().world_size)
+        dist = read_dist_env()
+        recipe = load_recipe(args.recipe, args.overrides, world_size=dist.world_size)
         # before CUDA starts (torchrun or srun without periln-launch / slurm/common.sh)
         os.environ.update(launch_environment(recipe.parallel.tp, recipe.parallel.cp))
         from periln_megatron.data import check_prefixes, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(recipe)
         check_prefixes(recipe)
-        check_resumable(recipe)
+        check_resumable(recipe, dist.world_size, log=lambda msg: print(msg, flush=True) if dist.rank == 0 else None)
     except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -98,6 +98,7 @@ class OptimConfig:
     clip_grad: float = 1.0  # clip the global gradient norm to this
     warmup_steps: int = 0  # linear warmup steps; below train.steps
     decay_style: str = "cosine"  # learning-rate decay after warmup, down to min_lr
+    decay_steps: int | None = None  # steps the lr decays over, then stays at min_lr; null: train.steps
 
 
 @dataclass
@@ -142,6 +143,9 @@ class CheckpointConfig:
     load: str | None = None  # initial weights (e.g. converted from HF) when `dir` has none
     save_at_end: bool = True  # save after the last step
     on_corrupt: str = "fail"  # the marker's iteration is damaged: fail | previous (newest intact one, with a warning)
+    # A resume whose schedule (optim.*, train.steps, train.global_batch_size) differs from the checkpoint's:
+    # refuse | checkpoint (continue its schedule; its values are recorded) | recipe (re-plan from this iteration)
+    on_schedule_change: str = "refuse"
     # How checkpoints are written and read; both load under any TP/PP/DP and read each other's.
     # fully_parallel: every rank writes its own optimizer shard and a share of the model tensors, no
     # gather. gathered: megatron-core's fully_reshardable path (each DP rank gathers the full fp32
@@ -389,6 +393,7 @@ CHOICES = {
     "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
     "checkpoint.on_corrupt": ("fail", "previous"),
+    "checkpoint.on_schedule_change": ("refuse", "checkpoint", "recipe"),
     "checkpoint.format": ("fully_parallel", "gathered"),
     "logging.wandb_mode": (None, "online", "offline", "disabled"),
     "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
@@ -449,8 +454,11 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if p.overlap_param_gather and not p.distributed_optimizer:
         fail("parallel.overlap_param_gather", "needs parallel.distributed_optimizer: true")
     o = recipe.optim
-    if not 0 <= o.warmup_steps < t.steps:
-        fail("optim.warmup_steps", f"= {o.warmup_steps} must be >= 0 and below train.steps = {t.steps}")
+    if o.decay_steps is not None and o.decay_steps < 1:
+        fail("optim.decay_steps", f"must be >= 1 (or null: train.steps), got {o.decay_steps}")
+    decay_key, decay = ("optim.decay_steps", o.decay_steps) if o.decay_steps else ("train.steps", t.steps)
+    if not 0 <= o.warmup_steps < decay:
+        fail("optim.warmup_steps", f"= {o.warmup_steps} must be >= 0 and below {decay_key} = {decay}")
     if not 0 <= o.min_lr <= o.lr:
         fail("optim.min_lr", f"= {o.min_lr} must be >= 0 and at most optim.lr = {o.lr}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from periln_megatron import checkpoint, run_lock, runtime
+from periln_megatron import checkpoint, run_lock, runtime, schedule
 from periln_megatron.config import Recipe, RecipeError
 from periln_megatron.launch import record_status
 
@@ -257,14 +257,14 @@ def build_optimizer(recipe: Recipe, config, chunks):
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     _set_overlap_hooks(config, ddp_chunks, p)
-    decay_steps = max(t.steps * t.global_batch_size, 1)
+    decay_steps = max(schedule.decay_steps(recipe) * t.global_batch_size, 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps * t.global_batch_size, lr_decay_steps=decay_steps,
         lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=decay_steps, wd_incr_style="constant",
         wsd_decay_steps=decay_steps // 10 if o.decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None, **schedule.scheduler_flags(recipe),
     )
     return ddp_chunks, optimizer, scheduler
 
@@ -422,7 +422,9 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     if latest is not None:
         path = checkpoint.iteration_dir(ckpt_root, latest)
         if checkpoint.has_optimizer_state(path):
+            recipe_groups = schedule.group_hyperparameters(optimizer)
             iteration = checkpoint.load(path, chunks, optimizer, scheduler, fmt=recipe.checkpoint.format)
+            schedule.restore_after_load(optimizer, scheduler, recipe, recipe_groups, iteration)
             weights_from = None
             if rank0:
                 print(f"resumed from iteration {iteration} ({path})", flush=True)

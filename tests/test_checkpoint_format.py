@@ -151,7 +151,7 @@ def _resume_from(src: Path, dst: Path, steps: int, *overrides: str, no_gather=Fa
     shutil.copytree(src / "iter_0000010", dst / "iter_0000010")
     (dst / "latest_checkpointed_iteration.txt").write_text("10\n")
     out = train(2, dst, f"train.steps={steps}", "checkpoint.save_at_end=false", "logging.tensorboard=false",
-                "checkpoint.interval=0", *overrides, no_gather=no_gather)
+                "checkpoint.interval=0", "checkpoint.on_schedule_change=checkpoint", *overrides, no_gather=no_gather)
     assert "resumed from iteration 10" in out
     return losses(dst)
 

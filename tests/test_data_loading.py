@@ -58,7 +58,8 @@ def test_four_stage_pipeline_with_middle_stages_matches_one_stage(tmp_path):
     run_torchrun(1, [*common, f"checkpoint.dir={tmp_path / 'start'}", "train.steps=1"], timeout=240)
     for name in ("pp1", "pp4"):
         shutil.copytree(tmp_path / "start", tmp_path / name)
-    run_torchrun(1, [*common, f"checkpoint.dir={tmp_path / 'pp1'}", "train.steps=3"], timeout=240)
-    run_torchrun(4, [*common, f"checkpoint.dir={tmp_path / 'pp4'}", "train.steps=3", "parallel.pp=4"], timeout=300)
+    more = ["train.steps=3", "checkpoint.on_schedule_change=checkpoint"]  # on from the 1-step run's schedule
+    run_torchrun(1, [*common, f"checkpoint.dir={tmp_path / 'pp1'}", *more], timeout=240)
+    run_torchrun(4, [*common, f"checkpoint.dir={tmp_path / 'pp4'}", *more, "parallel.pp=4"], timeout=300)
     pp1, pp4 = step_losses(tmp_path / "pp1"), step_losses(tmp_path / "pp4")
     assert sorted(pp4) == [1, 2, 3] and [pp4[2], pp4[3]] == pytest.approx([pp1[2], pp1[3]], abs=1e-5)

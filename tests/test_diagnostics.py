@@ -154,7 +154,8 @@ def layout_records(tiny_runs, tmp_path_factory):
         (d / "latest_checkpointed_iteration.txt").write_text("2\n")
         result = run_torchrun(2, ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
                                   *layout, "train.steps=3", "diagnostics.interval=1", f"checkpoint.dir={d}",
-                                  "checkpoint.save_at_end=false"], timeout=300)
+                                  "checkpoint.save_at_end=false", "checkpoint.on_schedule_change=checkpoint"],
+                              timeout=300)
         assert "resumed from iteration 2" in result.stdout
         out[name] = records(d)[3]
     return out

@@ -374,7 +374,7 @@ def test_plot_keeps_records_a_resumed_run_appended_after_a_truncated_line(traine
     metrics.write_text(text[: len(text) - 1 - len(text.splitlines()[-1]) // 2])  # step 4 cut in half
     run_torchrun(1, ["-m", "periln_megatron.train", "--recipe", str(REPO / "recipes/tiny/peri_ln.yaml"), "--set",
                      f"checkpoint.dir={run_dir}", "train.steps=6", "checkpoint.interval=2",
-                     "logging.tensorboard=false"], timeout=240)
+                     "logging.tensorboard=false", "checkpoint.on_schedule_change=checkpoint"], timeout=240)
     lines = metrics.read_text().splitlines()
     assert '{"step": 5' not in lines[n - 1] and lines[n].startswith('{"step": 5')  # a new line after the cut one
     r = _plot(run_dir, out=tmp_path / "plots")
@@ -441,8 +441,8 @@ def test_on_corrupt_previous_resumes_from_the_newest_intact_iteration(trained, t
     """checkpoint.on_corrupt=previous falls back to the newest intact iteration and says so."""
     ckpt = _copy_run(trained, tmp_path)
     _truncate(next((ckpt / "iter_0000004").glob("*.distcp")))
-    result = run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5", "checkpoint.on_corrupt=previous"],
-                 timeout=240)
+    result = run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5", "checkpoint.on_corrupt=previous",
+                  "checkpoint.on_schedule_change=checkpoint"], timeout=240)
     assert "iteration 4 is damaged" in result.stdout and "resuming from iteration 2" in result.stdout
     assert "resumed from iteration 2" in result.stdout
     steps = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
@@ -733,7 +733,7 @@ def test_a_resumed_run_starts_a_new_metrics_line_after_a_killed_runs_cut_line(tr
     ckpt = _copy_run(trained, tmp_path)
     metrics = ckpt / "metrics.jsonl"
     metrics.write_bytes(metrics.read_bytes() + b'{"step": 5, "lo')  # killed mid-write
-    run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5"], timeout=240)
+    run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=5", "checkpoint.on_schedule_change=checkpoint"], timeout=240)
     lines = metrics.read_text().splitlines()
     assert lines[-2] == '{"step": 5, "lo'
     assert json.loads(lines[-1])["step"] == 5

@@ -50,7 +50,7 @@ def test_resharding_tp2_checkpoint(tmp_path, straight_run, layout):
     shutil.copytree(ckpt / "iter_0000010", tmp_path / "iter_0000010")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("10\n")
     out = run_torchrun(2, [*TRAIN, "--set", *layout, "train.steps=11", f"checkpoint.dir={tmp_path}",
-                           "checkpoint.save_at_end=false"]).stdout
+                           "checkpoint.save_at_end=false", "checkpoint.on_schedule_change=checkpoint"]).stdout
     assert "resumed from iteration 10" in out
     assert losses(tmp_path)[11] == pytest.approx(expected[11], abs=1e-5)
 

@@ -171,7 +171,7 @@ def test_resumed_run_continues_the_same_wandb_run(wandb_run, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed)
     run([sys.executable, "-m", "periln_megatron.train", "--recipe", TINY, "--set", f"checkpoint.dir={resumed}",
-         "train.steps=6", *WANDB_SETS], env=offline(tmp_path), timeout=300)
+         "train.steps=6", "checkpoint.on_schedule_change=checkpoint", *WANDB_SETS], env=offline(tmp_path), timeout=300)
     run_id = (ckpt / "wandb/periln_run_id").read_text().strip()
     assert (resumed / "wandb/periln_run_id").read_text().strip() == run_id
     runs = sorted((resumed / "wandb").glob("offline-run-*"))

@@ -280,7 +280,9 @@ def render_card(*, recipe, recipe_yaml: str, arch: str, hf_config: dict, shape, 
         ("training tokens", tokens_text),
         ("data", data_text),
         ("optimizer", f"AdamW (betas {o.adam_beta1:g}, {o.adam_beta2:g}), lr {o.lr:g} -> {o.min_lr:g} "
-                      f"({o.decay_style}, {o.warmup_steps:,} warmup steps), weight decay {o.weight_decay:g}, "
+                      f"({o.decay_style}, {o.warmup_steps:,} warmup steps"
+                      + (f", decay over {o.decay_steps:,} steps" if o.decay_steps else "")
+                      + f"), weight decay {o.weight_decay:g}, "
                       f"gradient clipping {o.clip_grad:g}"),
         ("parallel layout", f"TP {recipe.parallel.tp}, PP {recipe.parallel.pp} (any layout exports the same)"),
     ]
