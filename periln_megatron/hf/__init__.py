@@ -16,3 +16,21 @@ def run_tool(name: str, quiet: bool, convert, errors=(ValueError, RuntimeError, 
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+PAUSE_ENV = "PERILN_TEST_PAUSE_UNTIL"
+
+
+def pause_for_tests(log) -> None:
+    """Test-only: with PERILN_TEST_PAUSE_UNTIL=FILE set, wait (after the weights are in the hidden
+    temporary directory, before the rest and the final rename) until FILE exists. Lets a test hold
+    two conversions at the same point or interrupt one mid-write; unset, it does nothing."""
+    import os
+    import time
+
+    gate = os.environ.get(PAUSE_ENV)
+    if not gate:
+        return
+    log(f"{PAUSE_ENV}: waiting for {gate}")
+    while not os.path.exists(gate):
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from periln_megatron.hf import mapping
+from periln_megatron.hf import mapping, pause_for_tests
 from periln_megatron.hf.mapping import Shape, UnsupportedModelError
 from periln_megatron.hf.reader import CheckpointReadError, TorchDistReader
 from periln_megatron.hf.safetensors_io import Entry, write_sharded
@@ -211,6 +211,7 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
         if not tok_type:
             log("no tokenizer in the recipe (or --skip-tokenizer): writing weights and config only")
         write_sharded(tmp, entries, max_shard_size, log)
+        pause_for_tests(log)
         config = mapping.hf_config(arch, s, torch_dtype, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from periln_megatron.hf import mapping
+from periln_megatron.hf import mapping, pause_for_tests
 from periln_megatron.hf.mapping import UnsupportedModelError
 
 HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -233,6 +233,7 @@ def convert_from_hf(hf_dir: Path, checkpoint_dir: Path, recipe_out: Path | None 
     try:
         partial.mkdir()
         dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(partial))
+        pause_for_tests(log)
         (partial / "recipe.yaml").write_text(text)
         if iter_dir.exists():  # an earlier conversion (check_target made sure)
             old = checkpoint_dir / f"{PARTIAL}{os.getpid()}.old"
