@@ -22,7 +22,6 @@ Errors are one line (exit 2); PERILN_DEBUG=1 shows the traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     try:
         return run_tool("convert_from_hf", args.quiet, lambda log: convert_from_hf(
             args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log),
-            errors=() if os.environ.get("PERILN_DEBUG") else (ValueError, KeyError, RuntimeError, OSError))
+            errors=(ValueError, KeyError, RuntimeError, OSError))
     finally:
         if "periln_megatron.runtime" in sys.modules:  # megatron was started (not after an early refusal)
             sys.modules["periln_megatron.runtime"].shutdown()
