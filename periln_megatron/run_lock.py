@@ -26,6 +26,9 @@ lease: for filesystems without coherent flock. `<dir>/.periln.lease` is created 
     an earlier run of this Slurm job. Removed on a clean exit. Best effort: two runs that find the
     same stale lease within the same few milliseconds may both take it.
 off: no lock.
+
+`held(path)` is the same mechanism for a short critical section that waits for its turn instead of
+refusing (the HF converters' final rename, periln_megatron/hf/outdir.py).
 """
 
 from __future__ import annotations
