@@ -26,6 +26,9 @@ lease: for filesystems without coherent flock. `<dir>/.periln.lease` is created 
     an earlier run of this Slurm job. Removed on a clean exit. Best effort: two runs that find the
     same stale lease within the same few milliseconds may both take it.
 off: no lock.
+
+`held(path)` is the same mechanism for a short critical section that waits for its turn instead of
+refusing (the HF converters' final rename, periln_megatron/hf/outdir.py).
 """
 
 from __future__ import annotations
@@ -240,3 +243,84 @@ def acquire(targets_: list[Target]) -> None:
 def release_all() -> None:
     while _HELD:
         _HELD.popitem()[1].release()
+
+
+@contextlib.contextmanager
+def held(path: Path, wait_s: float = 300.0):
+    """An exclusive lock on the file `path` for a short critical section (a conversion's final
+    rename), waiting up to wait_s for another holder, then RunLockError naming it. The mechanism of
+    PERILN_RUN_LOCK: flock(2) on `path` (the file stays, naming its last holder), or a lease file
+    `path`.lease, removed on exit, where the filesystem has no flock; off: no lock."""
+    how = mode()
+    if how == "off":
+        yield
+        return
+    deadline = time.monotonic() + wait_s
+    release = None
+    if how == "flock":
+        try:
+            release = _flock_waiting(Path(path), deadline, wait_s)
+        except OSError as e:
+            if e.errno not in _FLOCK_UNSUPPORTED:
+                raise
+    if release is None:
+        release = _lease_waiting(Path(f"{path}.lease"), deadline, wait_s)
+    try:
+        yield
+    finally:
+        release()
+
+
+def _still_held(path: Path, holder: dict, wait_s: float) -> RunLockError:
+    return RunLockError(f"{path}: still locked after {wait_s:.0f} s ({_describe(holder)}); if that process has "
+                        "ended, try again")
+
+
+def _flock_waiting(path: Path, deadline: float, wait_s: float):
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _still_held(path, _read(path), wait_s) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_record()) + "\n").encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return lambda: os.close(fd)
+
+
+def _lease_waiting(path: Path, deadline: float, wait_s: float):
+    token = os.urandom(8).hex()
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            holder = _read(path)
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > STALE_S or _pid_dead_here(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            if time.monotonic() > deadline:
+                raise _still_held(path, holder, wait_s) from None
+            time.sleep(0.05)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({**_record(), "token": token}) + "\n")
+
+    def release():
+        if _read(path).get("token") == token:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return release

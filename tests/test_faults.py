@@ -154,6 +154,178 @@ def test_convert_from_hf_overwrite_refuses_a_foreign_iteration_0(trained, hf_mod
     assert _snapshot(target) == before
 
 
+# ------------------------------------------------------------------- convert_to_hf: target dir
+
+def _export(ckpt: Path, out: Path, *extra, env=None):
+    return run([PY, "tools/convert_to_hf.py", str(ckpt), str(out), "--quiet", *extra], check=False, timeout=180,
+               env=env)
+
+
+def _run_layout(trained: Path, root: Path, layout: str) -> tuple[Path, Path, list[str]]:
+    """A copy of the trained run under root/proj (with the user's NOTES.txt beside it) and the
+    output a careless command line would name: (checkpoint dir, output dir, extra flags)."""
+    proj = root / "proj"
+    ckpt = _copy_run(trained, proj)
+    (proj / "NOTES.txt").write_text("my notes\n")
+    if layout == "the-run-itself":  # convert_to_hf.py RUN RUN --overwrite
+        return ckpt, ckpt, []
+    if layout == "the-project-holding-the-run":  # convert_to_hf.py proj/ckpt proj --overwrite
+        return ckpt, proj, []
+    if layout == "inside-the-run":
+        return ckpt, ckpt / "hf", []
+    if layout == "the-iteration":
+        return ckpt, ckpt / "iter_0000004", []
+    logs = proj / "logs"  # a run dir of its own (logging.run_dir) holding metrics.jsonl, named by --metrics
+    logs.mkdir()
+    os.replace(ckpt / "metrics.jsonl", logs / "metrics.jsonl")
+    return ckpt, logs, ["--metrics", str(logs)]
+
+
+@pytest.mark.parametrize("layout", ["the-run-itself", "the-project-holding-the-run", "inside-the-run",
+                                    "the-iteration", "the-metrics-run-dir"])
+def test_convert_to_hf_never_replaces_or_enters_the_run_it_exports(trained, tmp_path, layout):
+    """An output that is, contains or lies inside the exported run (its checkpoint dir, an
+    iteration, the run dir holding metrics.jsonl) exits 2 with one line naming both, even with
+    --overwrite; every file (checkpoints, metrics.jsonl, data cache, the user's notes) is untouched."""
+    ckpt, out, extra = _run_layout(trained, tmp_path, layout)
+    before = _snapshot(tmp_path)
+    for flags in ([], ["--overwrite"]):
+        r = _export(ckpt, out, *extra, *flags)
+        assert r.returncode == 2, r.stdout
+        line = _one_line_error(r, "convert_to_hf: error:")
+        assert str(out) in line and "run" in line, line
+        assert _snapshot(tmp_path) == before
+
+
+def test_convert_to_hf_refuses_a_non_empty_dir_that_is_not_an_export(trained, tmp_path):
+    """A non-empty directory the exporter did not write (no .periln-export.json) is refused with
+    one line naming it and its entries, with or without --overwrite; an empty one is used."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("my notes\n")
+    for flags in ([], ["--overwrite"]):
+        r = _export(trained, out, *flags)
+        assert r.returncode == 2, r.stdout
+        line = _one_line_error(r, "convert_to_hf: error:")
+        assert str(out) in line and "NOTES.txt" in line, line
+        assert sorted(p.name for p in out.iterdir()) == ["NOTES.txt"]
+    (out / "NOTES.txt").unlink()
+    assert _export(trained, out).returncode == 0
+    assert (out / "config.json").is_file() and (out / ".periln-export.json").is_file()
+
+
+def test_convert_to_hf_overwrite_replaces_only_its_own_export(trained, tmp_path):
+    """Exporting twice into one dir needs --overwrite, which replaces the earlier export; once the
+    user has put a file of their own into it, even --overwrite refuses, naming that file."""
+    out = tmp_path / "hf"
+    assert _export(trained, out).returncode == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert ".periln-export.json" in written and "model.safetensors" in written
+    r = _export(trained, out)
+    assert r.returncode == 2 and "--overwrite" in _one_line_error(r, "convert_to_hf: error:")
+    (out / "model.safetensors").write_bytes(b"stale")
+    r = _export(trained, out, "--overwrite")
+    assert r.returncode == 0, r.stdout
+    assert sorted(p.name for p in out.iterdir()) == written and (out / "model.safetensors").stat().st_size > 5
+    (out / "NOTES.txt").write_text("my notes\n")
+    before = _snapshot(out)
+    r = _export(trained, out, "--overwrite")
+    assert r.returncode == 2, r.stdout
+    line = _one_line_error(r, "convert_to_hf: error:")
+    assert str(out) in line and "NOTES.txt" in line, line
+    assert _snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".tmp-" in p.name]
+
+
+def _gated(tool: str, src: Path, dst: Path, gate: Path, log: Path):
+    """The converter as a command line starts it, held by the test-only gate once its weights are
+    in the hidden temporary directory."""
+    return _spawn([f"tools/{tool}.py", str(src), str(dst), "--quiet"], log, env={"PERILN_TEST_PAUSE_UNTIL": str(gate)})
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_two_concurrent_conversions_into_one_new_dir(trained, hf_model, tmp_path, tool):
+    """Two conversions into the same new directory, both past the start's checks when the first
+    finishes: exactly one succeeds and the other exits 2 with one line naming the directory; the
+    survivor is complete (transformers loads the export; the import verifies) and no temporary is left."""
+    from launch import kill_all, wait_all, wait_for_line
+
+    src = trained if tool == "convert_to_hf" else hf_model
+    dst, gate = tmp_path / "out" / "model", tmp_path / "gate"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_gated(tool, src, dst, gate, log) for log in logs]
+    try:
+        for log in logs:
+            wait_for_line(log, "PERILN_TEST_PAUSE_UNTIL", procs, timeout=240)
+        gate.touch()
+        codes = wait_all(procs, timeout=240)
+    finally:
+        kill_all(procs)
+    texts = [log.read_text() for log in logs]
+    assert sorted(codes) == [0, 2], texts
+    loser = texts[codes.index(2)]
+    line = _one_line_error(subprocess.CompletedProcess([], 2, loser), f"{tool}: error:")
+    assert str(dst) in line and "--overwrite" in line, line
+    assert f"wrote {dst}" in texts[codes.index(0)] and "wrote" not in loser
+    assert not [p for p in dst.parent.rglob("*") if ".partial-" in p.name or ".tmp-" in p.name]
+    if tool == "convert_to_hf":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(dst))
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+        assert logits.shape == (1, 3, 256) and torch.isfinite(logits).all()
+    else:
+        check = run([PY, "tools/inspect_checkpoint.py", str(dst)], timeout=120)
+        assert "iter_0000000  ok" in check.stdout, check.stdout
+        assert (dst / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_ctrl_c_during_a_conversion_exits_130_and_leaves_nothing(trained, hf_model, tmp_path, tool):
+    """SIGINT while the weights are being written: exit 130 with one line, no traceback; the
+    hidden temporary directory is removed and the target never appears."""
+    import signal
+
+    from launch import kill_all, wait_all, wait_for_line
+
+    src = trained if tool == "convert_to_hf" else hf_model
+    parent = tmp_path / "out"
+    parent.mkdir()
+    dst, log = parent / "model", tmp_path / "conv.log"
+    proc = _gated(tool, src, dst, tmp_path / "never", log)
+    try:
+        wait_for_line(log, "PERILN_TEST_PAUSE_UNTIL", [proc], timeout=240)
+        assert [p for p in parent.rglob("*") if ".partial-" in p.name or ".tmp-" in p.name]  # mid-write
+        proc.send_signal(signal.SIGINT)
+        assert wait_all([proc], timeout=120) == [130], log.read_text()
+    finally:
+        kill_all([proc])
+    result = subprocess.CompletedProcess([], 130, log.read_text())
+    assert "interrupted" in _one_line_error(result, f"{tool}: interrupted")
+    assert not dst.exists() and [p.name for p in parent.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_convert_to_hf_garbage_tokenizer_is_one_line_naming_it(tmp_path):
+    """--tokenizer naming a file that is not a SentencePiece model (a checkpoint trained with one):
+    exit 2 with one line naming the file and the flag; nothing written."""
+    text = tmp_path / "text.txt"
+    text.write_text((REPO / "tests/data/tinyshakespeare.txt").read_text()[:200_000])
+    run([PY, "tools/train_tokenizer.py", "--input", str(text), "--model-prefix", str(tmp_path / "spm"),
+         "--vocab-size", "256", "--no-byte-fallback", "--threads", "1"], timeout=120)
+    ckpt = tmp_path / "ckpt"
+    run([*TINY_TRAIN, f"checkpoint.dir={ckpt}", "train.steps=2", "optim.warmup_steps=0", "tokenizer.type=SentencePieceTokenizer",
+         f"tokenizer.model={tmp_path / 'spm.model'}"], timeout=240)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = _export(ckpt, tmp_path / "hf", "--tokenizer", str(garbage))
+    assert r.returncode == 2, r.stdout
+    line = _one_line_error(r, "convert_to_hf: error:")
+    assert str(garbage) in line and "--tokenizer" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 # ------------------------------------------------------------------ convert_from_hf: damaged input
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])

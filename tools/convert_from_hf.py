@@ -15,14 +15,14 @@ Nothing is lost: CHECKPOINT_DIR must be new or empty. --overwrite lets it hold o
 replaces an iter_0000000 (and a --recipe-out file) that an earlier convert_from_hf wrote, but a
 directory with another run's checkpoints (any other iter_*, a marker naming another iteration, an
 iter_0000000 not written by this tool) is always refused: convert into a new directory instead.
-The checkpoint is written under a hidden temporary name and renamed into place when complete.
-Errors are one line (exit 2); PERILN_DEBUG=1 shows the traceback.
+The checkpoint is written under a hidden temporary name and renamed into place when complete,
+under a lock: of two conversions into one directory the second to finish refuses. Errors are one
+line (exit 2), Ctrl-C exits 130 leaving nothing; PERILN_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     try:
         return run_tool("convert_from_hf", args.quiet, lambda log: convert_from_hf(
             args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log),
-            errors=() if os.environ.get("PERILN_DEBUG") else (ValueError, KeyError, RuntimeError, OSError))
+            errors=(ValueError, KeyError, RuntimeError, OSError))
     finally:
         if "periln_megatron.runtime" in sys.modules:  # megatron was started (not after an early refusal)
             sys.modules["periln_megatron.runtime"].shutdown()

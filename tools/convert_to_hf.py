@@ -15,7 +15,11 @@ tokenizer and training tokens, the recipe (YAML), the last losses and diagnostic
 and max |activation| at the last layer) up to the exported iteration from the run's metrics.jsonl
 (found beside the checkpoint, in the recipe's logging.run_dir or checkpoint.dir, or --metrics;
 otherwise the card says they are unavailable), the periln-megatron version and this command.
-Runs in one CPU process, tensor by tensor; the output appears only when complete.
+Runs in one CPU process, tensor by tensor; the output appears only when complete: it is written
+into a hidden sibling and renamed into place. OUTPUT_DIR must be new, empty or an earlier export
+(.periln-export.json); --overwrite replaces only such an export, and an output that is, holds or
+lies inside the exported run is always refused (docs/hf.md). Errors are one line (exit 2), Ctrl-C
+exits 130 leaving nothing; PERILN_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-tokenizer", action="store_true", help="write no tokenizer files")
     parser.add_argument("--metrics", type=Path, help="the run's metrics.jsonl (or its run dir) for the model card, "
                         "when it is neither beside the checkpoint nor where the recipe's logging.run_dir/checkpoint.dir say")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds an earlier export (never other files, never the run)")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
     args = parser.parse_args(argv)
     command = list(sys.argv) if argv is None else [__file__, *argv]  # recorded in the model card

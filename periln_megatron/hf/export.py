@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from periln_megatron.hf import mapping
+from periln_megatron.hf import mapping, pause_for_tests
 from periln_megatron.hf.mapping import Shape, UnsupportedModelError
 from periln_megatron.hf.reader import CheckpointReadError, TorchDistReader
 from periln_megatron.hf.safetensors_io import Entry, write_sharded
@@ -161,6 +160,83 @@ def _tokenizer_card(recipe, tok_type: str | None, skip_tokenizer: bool, special:
     return {"description": text, "special": special}
 
 
+EXPORT_MARKER = ".periln-export.json"  # written last into every export: what --overwrite may replace
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def run_directories(iter_dir: Path, recipe, metrics_path: Path | None) -> list[tuple[Path, str]]:
+    """What an export must never replace, contain or enter, with a name for the message: the
+    iteration, its checkpoint root, the run dir that holds metrics.jsonl (found or --metrics), and
+    the run's checkpoint.dir, logging.run_dir and data.cache_dir as its recipe recorded them."""
+    from periln_megatron import checkpoint
+    from periln_megatron.hf.model_card import METRICS_FILE
+
+    out = [(iter_dir, "checkpoint iteration")]
+    root = iter_dir.parent
+    if (root / checkpoint.MARKER).is_file() or (root / METRICS_FILE).is_file():
+        out.append((root, "checkpoint directory"))
+    if metrics_path is not None:
+        out.append((metrics_path.parent, f"run directory (its {METRICS_FILE})"))
+    for key, value in (("checkpoint.dir", recipe.checkpoint.dir), ("logging.run_dir", recipe.logging.run_dir),
+                       ("data.cache_dir", recipe.data.cache_dir)):
+        if value and Path(value).is_dir():
+            out.append((Path(value), f"{key} as its recipe records it"))
+    return out
+
+
+def check_outside_run(output_dir: Path, protected: list[tuple[Path, str]]) -> None:
+    o = Path(os.path.realpath(output_dir))
+    for path, what in protected:
+        p = Path(os.path.realpath(path))
+        relation = "is" if o == p else "contains" if o in p.parents else "lies inside" if p in o.parents else None
+        if relation:
+            raise FileExistsError(f"{output_dir} {relation} the exported run's {what} {path}; an export never "
+                                  "replaces, holds or goes into a training run's directories (not even with "
+                                  "--overwrite): choose a directory outside it")
+
+
+def _export_files(output_dir: Path) -> list[str] | None:
+    """The files an earlier export wrote (its marker's list), or None if the marker is absent or not ours."""
+    try:
+        record = json.loads((output_dir / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) and record.get("written_by") == "convert_to_hf" else None
+    return files if isinstance(files, list) else None
+
+
+def check_target(output_dir: Path, overwrite: bool, finished_meanwhile: bool = False) -> bool:
+    """Refuse (FileExistsError, one line) an output that is not ours to write: a file or link, a
+    non-empty directory without our marker, an earlier export holding files it did not write, or
+    (without `overwrite`) an earlier export. True if an earlier export is to be replaced."""
+    from periln_megatron.hf import outdir
+
+    if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
+        raise FileExistsError(f"{output_dir}: exists and is not a directory; export into a new or empty directory")
+    if not output_dir.exists():
+        return False
+    entries = sorted(e for e in os.listdir(output_dir))
+    if not entries:
+        return False
+    files = _export_files(output_dir)
+    if files is None:
+        raise FileExistsError(f"{output_dir}: not empty ({_listing(entries)}) and not written by convert_to_hf.py "
+                              f"(no {EXPORT_MARKER}); even --overwrite replaces only an earlier export: export into a "
+                              "new or empty directory")
+    foreign = [e for e in entries if e not in files and e != EXPORT_MARKER and not outdir.is_partial(e)]
+    if foreign:
+        raise FileExistsError(f"{output_dir}: an earlier export, but it also holds files the export did not write "
+                              f"({_listing(foreign)}); even --overwrite does not replace them: move them out or "
+                              "export elsewhere")
+    if not overwrite:
+        what = "another export finished into it while this one ran" if finished_meanwhile else "holds an earlier export"
+        raise FileExistsError(f"{output_dir}: {what}; pass --overwrite to replace it")
+    return True
+
+
 def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | None = None, dtype: str | None = None,
                   max_shard_size: int = 2 * 10**9, tokenizer: str | None = None, skip_tokenizer: bool = False,
                   overwrite: bool = False, metrics: Path | None = None, command: list[str] | None = None,
@@ -169,13 +245,14 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
     (model card, periln_megatron/hf/model_card.py) and megatron_source.json. `metrics`: the run's
     metrics.jsonl (or its dir) when not found beside the checkpoint; `command`: the argv recorded
     in the card (default sys.argv)."""
-    from periln_megatron.hf import model_card
+    from periln_megatron.hf import model_card, outdir
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
     iter_dir = resolve_iteration_dir(Path(checkpoint_dir), iteration)
     recipe = load_checkpoint_recipe(iter_dir)
+    metrics_path, metrics_tried = model_card.find_metrics(iter_dir, recipe, metrics)
+    check_outside_run(output_dir, run_directories(iter_dir, recipe, metrics_path))  # before anything is read
+    check_target(output_dir, overwrite)
     arch = mapping.arch_for(recipe.model)
     if recipe.model.backend == "te" and recipe.precision.preset == "fp8":
         log("note: fp8 training keeps bf16 master weights in the checkpoint; exporting those")
@@ -191,7 +268,6 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
     log(f"{iter_dir}: {recipe.model.placement}-LN, {s.num_layers} layers, hidden {s.hidden}, heads {s.heads}/"
         f"{s.groups} groups, vocab {s.vocab} (padded {padded_vocab}) -> {arch} in {dtype_name}")
     exported_iteration = _iteration_of(iter_dir)
-    metrics_path, metrics_tried = model_card.find_metrics(iter_dir, recipe, metrics)
     summary = model_card.summarize_metrics(metrics_path, exported_iteration) if metrics_path else None
     if summary:
         up_to = "?" if exported_iteration is None else exported_iteration
@@ -199,12 +275,18 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
     else:
         log("model card metrics: unavailable (no metrics.jsonl in " + ", ".join(str(p.parent) for p in metrics_tried) + ")")
 
+    created = [p for p in reversed(output_dir.parents) if not p.exists()]  # removed again on failure
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    outdir.remove_stale_partials(output_dir.parent, output_dir.name, log)
+    tmp = outdir.partial_path(output_dir.parent, output_dir.name)
+    outdir.remove(tmp)  # a dead process's with our pid
+    written = False
     try:
+        tmp.mkdir()
         from periln_megatron.hf.tokenizer import export_tokenizer
 
-        special = export_tokenizer(tok_type, recipe.tokenizer.model, tmp, s.seq_length)
+        special = export_tokenizer(tok_type, recipe.tokenizer.model, tmp, s.seq_length,
+                                   "--tokenizer" if tokenizer else "tokenizer.model in the checkpoint's recipe")
         outside = {k: v for k, v in special.items() if not 0 <= v < s.vocab}
         if outside:  # e.g. a recipe whose vocab_size is smaller than its tokenizer's special ids
             from periln_megatron.hf.tokenizer import TokenizerExportError
@@ -214,6 +296,7 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
         if not tok_type:
             log("no tokenizer in the recipe (or --skip-tokenizer): writing weights and config only")
         write_sharded(tmp, entries, max_shard_size, log)
+        pause_for_tests(log)
         config = mapping.hf_config(arch, s, torch_dtype, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(special), indent=2) + "\n")
@@ -232,12 +315,22 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
              "parameters": params, "metrics": summary.to_dict() if summary else None,
              "periln_megatron_version": model_card.project_version(), "command": card_command},
             indent=2, default=str) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(
+            {"written_by": "convert_to_hf", "files": sorted(os.listdir(tmp)), "checkpoint": str(iter_dir.resolve()),
+             "iteration": exported_iteration}, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        with outdir.lock(output_dir.parent):
+            replace = check_target(output_dir, overwrite, finished_meanwhile=True)
+            aside = outdir.swap_in(tmp, output_dir, replace)
+        written = True
+        if aside is not None:
+            outdir.remove(aside)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not written:
+            outdir.remove(tmp)
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
         raise
     log(f"wrote {output_dir}")
     return output_dir

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from periln_megatron.hf import mapping
+from periln_megatron.hf import mapping, pause_for_tests
 from periln_megatron.hf.mapping import UnsupportedModelError
 
 HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 HEADER = "# Converted from Hugging Face by tools/convert_from_hf.py."
-PARTIAL = ".iter_0000000.partial-"  # a conversion being written (hidden: never taken for an iteration)
 
 
 def _read_json(path: Path):
@@ -142,19 +141,22 @@ def _converted(path: Path) -> bool:
         return False
 
 
-def check_target(checkpoint_dir: Path, recipe_out: Path | None, overwrite: bool) -> None:
+def check_target(checkpoint_dir: Path, recipe_out: Path | None, overwrite: bool,
+                 finished_meanwhile: bool = False) -> None:
     """Refuse (FileExistsError, one line) a target where writing could lose anything.
 
     CHECKPOINT_DIR must be absent or empty; with `overwrite` it may hold other files, but never
     another run's checkpoints: no iter_* but iter_0000000, an iter_0000000 and a --recipe-out only if
-    an earlier convert_from_hf wrote them, no marker naming another iteration.
+    an earlier convert_from_hf wrote them, no marker naming another iteration. Partials (hidden,
+    being written by this or another conversion) do not count: the final rename decides between them.
     """
     from periln_megatron import checkpoint
+    from periln_megatron.hf import outdir
 
     d, iter_dir = Path(checkpoint_dir), checkpoint.iteration_dir(checkpoint_dir, 0)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d}: exists and is not a directory")
-    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    entries = sorted(p.name for p in d.iterdir() if not outdir.is_partial(p.name)) if d.is_dir() else []
     if entries:
         others = [e for e in entries if e.startswith("iter_") and e != iter_dir.name]
         if others:
@@ -170,6 +172,9 @@ def check_target(checkpoint_dir: Path, recipe_out: Path | None, overwrite: bool)
             raise FileExistsError(
                 f"{iter_dir}: not written by convert_from_hf.py (its recipe.yaml lacks the header); --overwrite "
                 "only replaces an earlier conversion, convert into a new or empty directory")
+        if not overwrite and finished_meanwhile:
+            raise FileExistsError(f"{d}: another conversion finished into it while this one ran; pass --overwrite "
+                                  "to replace it")
         if not overwrite:
             raise FileExistsError(
                 f"{d}: not empty ({_listing(entries)}); pass --overwrite to write into it (it replaces an "
@@ -190,7 +195,7 @@ def convert_from_hf(hf_dir: Path, checkpoint_dir: Path, recipe_out: Path | None 
     from megatron.core import dist_checkpointing
 
     from periln_megatron import checkpoint
-    from periln_megatron.hf import megatron_side
+    from periln_megatron.hf import megatron_side, outdir
 
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -225,32 +230,42 @@ def convert_from_hf(hf_dir: Path, checkpoint_dir: Path, recipe_out: Path | None 
     text = (f"{HEADER} Set data.prefixes (and the parallel\n"
             "# layout / train section) before training; checkpoint.load gives the initial weights.\n" + recipe.to_yaml())
 
-    # Write under a hidden temporary name, then swap it in: a failure leaves the target as it was.
-    check_target(checkpoint_dir, recipe_out, overwrite)  # unchanged while the weights were read?
+    # Written under a hidden partial name, renamed into place under a lock (periln_megatron/hf/outdir.py):
+    # a failure leaves the target as it was, and of two conversions into one directory the second to
+    # finish sees the first's and refuses (or, with --overwrite, replaces it).
     created = not checkpoint_dir.exists()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    partial = checkpoint_dir / f"{PARTIAL}{os.getpid()}"
+    outdir.remove_stale_partials(checkpoint_dir, iter_dir.name, log)
+    partial = outdir.partial_path(checkpoint_dir, iter_dir.name)
+    outdir.remove(partial)  # a dead process's with our pid
+    written = False
     try:
         partial.mkdir()
         dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(partial))
+        pause_for_tests(log)
         (partial / "recipe.yaml").write_text(text)
-        if iter_dir.exists():  # an earlier conversion (check_target made sure)
-            old = checkpoint_dir / f"{PARTIAL}{os.getpid()}.old"
-            os.replace(iter_dir, old)
-            os.replace(partial, iter_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(partial, iter_dir)
-        tmp = checkpoint_dir / (checkpoint.MARKER + ".tmp")
-        tmp.write_text("0\n")
-        os.replace(tmp, checkpoint_dir / checkpoint.MARKER)
+        with outdir.lock(checkpoint_dir.parent):
+            check_target(checkpoint_dir, recipe_out, overwrite, finished_meanwhile=True)
+            aside = outdir.swap_in(partial, iter_dir, replace=True)  # an earlier conversion (check_target made sure)
+            written = True
+            with outdir.signals_deferred():
+                tmp = checkpoint_dir / (checkpoint.MARKER + ".tmp")
+                tmp.write_text("0\n")
+                os.replace(tmp, checkpoint_dir / checkpoint.MARKER)
+                if recipe_out:
+                    tmp = Path(f"{recipe_out}.tmp")
+                    tmp.write_text(text)
+                    os.replace(tmp, recipe_out)
+        if aside is not None:
+            outdir.remove(aside)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if created and not any(checkpoint_dir.iterdir()):
-            checkpoint_dir.rmdir()
+        if not written:
+            outdir.remove(partial)
+            if created:
+                with contextlib.suppress(OSError):
+                    checkpoint_dir.rmdir()  # only if nothing else is in it
         raise
     if recipe_out:
-        Path(recipe_out).write_text(text)
         log(f"recipe written to {recipe_out}")
     log(f"wrote {iter_dir}")
     return iter_dir

@@ -37,7 +37,7 @@ def _fields(buf: bytes):
         elif wire == 5:
             value, i = buf[i:i + 4], i + 4
         else:
-            raise TokenizerExportError(f"unsupported protobuf wire type {wire}")
+            raise ValueError(f"not a protobuf message (wire type {wire} at byte {i})")
         yield field, value
 
 
@@ -313,18 +313,24 @@ def export_huggingface(path: str | Path, out_dir: Path) -> dict:
     return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(tok, k) is not None}
 
 
-def export_tokenizer(tokenizer_type: str | None, path: str | None, out_dir: Path, max_length: int) -> dict:
-    """Write the tokenizer files into out_dir; return the special token ids for config.json."""
+def export_tokenizer(tokenizer_type: str | None, path: str | None, out_dir: Path, max_length: int,
+                     origin: str = "recipe tokenizer.model") -> dict:
+    """Write the tokenizer files into out_dir; return the special token ids for config.json.
+    `origin` names where `path` came from in messages (a flag or recipe key)."""
     if not tokenizer_type:
         return {}
     if not path or not Path(path).exists():
-        raise TokenizerExportError(f"tokenizer file {path!r} (recipe tokenizer.model) not found; pass --tokenizer PATH "
+        raise TokenizerExportError(f"tokenizer file {path!r} ({origin}) not found; pass --tokenizer PATH "
                                    "or --skip-tokenizer")
-    if tokenizer_type in SENTENCEPIECE_TYPES:
-        return export_sentencepiece(path, out_dir, max_length)
-    if tokenizer_type == "HuggingFaceTokenizer":
-        return export_huggingface(path, out_dir)
-    if tokenizer_type == "TikTokenizer":
-        return export_tiktoken(path, out_dir, max_length)
-    raise TokenizerExportError(f"tokenizer type {tokenizer_type} cannot be exported as a Hugging Face tokenizer; "
-                               "convert it separately and pass --skip-tokenizer")
+    export = {**dict.fromkeys(SENTENCEPIECE_TYPES, export_sentencepiece), "TikTokenizer": export_tiktoken,
+              "HuggingFaceTokenizer": lambda p, out, _: export_huggingface(p, out)}.get(tokenizer_type)
+    if export is None:
+        raise TokenizerExportError(f"tokenizer type {tokenizer_type} cannot be exported as a Hugging Face tokenizer; "
+                                   "convert it separately and pass --skip-tokenizer")
+    try:
+        return export(path, out_dir, max_length)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: name it and its flag, whatever raised
+        text = str(e).removeprefix(f"{path}: ")
+        if not isinstance(e, TokenizerExportError):
+            text = f"cannot read it as a {tokenizer_type} file ({type(e).__name__}: {text})"
+        raise TokenizerExportError(f"{path} ({origin}): {text}") from e
