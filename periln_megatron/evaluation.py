@@ -90,8 +90,9 @@ def passive_omp_wait() -> None:
     """OMP_WAIT_POLICY=PASSIVE unless set, before torch (and its OpenMP) loads. Idle OpenMP threads
     otherwise spin at each barrier; on CPU cores other processes also use, a spinning thread keeps
     a descheduled peer from running, and each of the forward pass's small ops waits a time slice:
-    measured here (2 busy cores, tiny model) 20x slower than one thread, and the cause of the 160
-    tokens/s of issue #22. Sleeping waiters cost microseconds per op on idle cores."""
+    measured here (2 busy cores, tiny model) 20x slower than one thread: most of the 160 tokens/s
+    of issue #22 (benchmarks/RESULTS_evaluate.md). On quiet cores sleeping waiters cost nothing
+    measurable."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -120,18 +121,25 @@ def windows(length: int, seq: int):
 
 
 TOKENS_PER_BATCH = 16384
+LOGITS_PER_BATCH = 1 << 28  # float32 logits of a batch: 1 GiB (and as much again for their log-softmax)
+
+
+def default_batch_size(seq: int, vocab_size: int) -> int:
+    """Windows per forward pass: TOKENS_PER_BATCH tokens, fewer where the vocabulary is large."""
+    return max(1, min(TOKENS_PER_BATCH, LOGITS_PER_BATCH // max(vocab_size, 1)) // seq)
 
 
 def score_documents(model, tokenizer, documents: list[str], prefix_token_id: int, batch_size: int | None = None,
                     seq: int | None = None, progress: bool = True) -> dict:
     """Each document's summed log-likelihood and token count (token_stats of them). batch_size:
-    windows per forward pass (default: TOKENS_PER_BATCH tokens' worth, 8 windows of 2048)."""
+    windows per forward pass (default_batch_size: 256 windows of 64 tokens, 8 of 2048 with a vocabulary
+    of 16k ids, 4 with 32k, 2 with 128k)."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
     seq = seq or context_length(model.config, tokenizer)
-    batch_size = batch_size or max(1, TOKENS_PER_BATCH // seq)
+    batch_size = batch_size or default_batch_size(seq, model.config.vocab_size)
     # verbose=False: no "longer than the model's maximum length" warning; windows handle any length
     encoded = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
     ext = [np.asarray([prefix_token_id, *ids], dtype=np.int64) for ids in encoded]
@@ -154,8 +162,12 @@ def score_documents(model, tokenizer, documents: list[str], prefix_token_id: int
                 scored[row, n - k:n] = True
             # right padding needs no attention mask in a causal model: position i sees only 0..i
             logits = model(torch.from_numpy(inputs).to(device)).logits.float()
+            # log_softmax then gather, as lm-eval does: on CPU twice as fast as logit - logsumexp
+            logprobs = torch.log_softmax(logits, -1)
+            del logits
             targets_t, scored_t = torch.from_numpy(targets).to(device), torch.from_numpy(scored).to(device)
-            picked = logits.gather(-1, targets_t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+            picked = logprobs.gather(-1, targets_t.unsqueeze(-1)).squeeze(-1)
+            del logprobs
             per_window = (picked.double() * scored_t).sum(-1).cpu()
             loglikelihood.index_add_(0, torch.tensor([w[1] for w in batch]), per_window)
             bar.update(int(scored.sum()))

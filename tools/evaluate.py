@@ -19,12 +19,13 @@ document is scored whole in lm-eval's loglikelihood_rolling windows of the model
 token predicted once, the first token conditioned on one prefix token (--prefix-token; default
 the end-of-document token, which precedes every document in training), by batched forward passes
 (periln_megatron.evaluation; --text-engine lm-eval runs the harness's own task periln_local_ppl
-instead, ~20-60x slower, the same numbers). Reported: tokens, the token-level NLL (nats per token,
-the trainer's loss) and its perplexity, and lm-eval's word/byte perplexity and bits per byte. With
-only --text-file nothing is fetched from the network (HF_HUB_OFFLINE=1 is set).
+instead, 3-5x slower, the same numbers: benchmarks/RESULTS_evaluate.md). Reported: tokens, the
+token-level NLL (nats per token, the trainer's loss) and its perplexity, and lm-eval's word/byte
+perplexity and bits per byte. With only --text-file nothing is fetched from the network
+(HF_HUB_OFFLINE=1 is set).
 
-On CPU the tool sets OMP_WAIT_POLICY=PASSIVE unless it is set (see docs/evaluation.md: spinning
-OpenMP threads on busy cores made scoring 20x slower).
+On CPU the tool sets OMP_WAIT_POLICY=PASSIVE unless it is set (docs/evaluation.md: spinning OpenMP
+threads made scoring on cores busy with other work ~9x slower).
 
 Exit status: 0 done; 2 bad arguments, a missing model or file, a file that is not UTF-8, a dataset
 that cannot be loaded. PERILN_DEBUG=1 shows tracebacks. --tasks and --text-engine lm-eval need
@@ -156,8 +157,8 @@ def main(argv=None) -> int:
                              "loglikelihood_rolling task, far slower, for cross-checks")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="weights' dtype for evaluation: auto (config.json's), float32, bfloat16, float16")
-    parser.add_argument("--batch-size", help="lm-eval's batch size, or auto (default 8); for --text-file, windows "
-                                             "per forward pass (default: 16384 tokens' worth)")
+    parser.add_argument("--batch-size", help="lm-eval's batch size, or auto (default 8); for --text-file, windows per "
+                        "forward pass (default: 16384 tokens' worth, fewer for a large vocabulary)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; 0 for periln_paper)")
     parser.add_argument("--limit", type=float, help="only the first N documents of each task (a fraction if < 1); for smoke tests")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
@@ -213,7 +214,8 @@ def _run(args) -> int:
         try:
             import lm_eval  # noqa: F401
         except ImportError as e:
-            raise EvalError(f"lm-evaluation-harness is not installed ({e.name or e}): pip install \"lm-eval[hf]\"") from None
+            raise EvalError(f"lm-evaluation-harness is not installed ({e.name or e}): "
+                            "pip install \"lm-eval[hf]\"") from None
     if not names:  # a purely local evaluation never goes to the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
