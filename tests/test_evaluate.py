@@ -1,9 +1,11 @@
-"""tools/evaluate.py: real lm-evaluation-harness (HFLM on CPU) on a real export of a tiny model trained
-here on real text, offline. The harness's log-likelihood of held-out documents agrees with the
-trainer's loss computed by megatron-core on the same token windows; a benchmark whose dataset is not
-cached fails in one line; argument errors are one line.
+"""tools/evaluate.py on a real export of a tiny model trained here on real text, offline. Its
+--text-file path (periln_megatron.evaluation, batched windows) gives each held-out document the
+log-likelihood megatron-core's trainer computes on the same token windows, and the same as real
+lm-evaluation-harness (HFLM on CPU, --text-engine lm-eval) does; a benchmark whose dataset is not
+cached fails in one line; argument errors and bad input are one line.
 
-What is compared (docs/evaluation.md): lm-eval's loglikelihood_rolling scores each document's
+What is compared (docs/evaluation.md): lm-eval's loglikelihood_rolling windows, which the batched
+path builds itself, score each document's
 SentencePiece ids (the exported tokenizer adds no BOS) in windows of the context (64): the first
 window is [prefix] + ids[:63] predicting ids[:64], each following full window predicts the next 64
 ids from the previous id and the first 63 of them (one token of context), and a last partial window
@@ -13,7 +15,7 @@ step and loss (periln_megatron.train._forward_step: masked mean of megatron's pe
 entropy) on the checkpoint the export came from. Both count every id of the document once.
 
 The trainer's softmax runs over the padded vocabulary (1024 rows for the 1000-id tokenizer); the
-export keeps the tokenizer's 1000 rows, so the harness's NLL is the trainer's minus log(1 + p_pad)
+export keeps the tokenizer's 1000 rows, so the evaluation's NLL is the trainer's minus log(1 + p_pad)
 per token, p_pad the probability the trainer's model gives the 24 padding ids. The test checks the
 harness against megatron's logits normalised over the 1000 ids (relative 1e-6 per document) and
 that the trainer's loss exceeds it by a small positive amount, itself recomputed from the logits.
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import corpus  # noqa: E402
-from launch import run  # noqa: E402
+from launch import load_tool, run  # noqa: E402
 
 PY = sys.executable
 SEQ = 64  # recipes/tiny
@@ -133,6 +135,38 @@ def test_harness_loglikelihood_equals_trainer_loss_on_held_out_documents(trained
     assert f"token-level NLL {harness['token_nll']:.6f}" in log
 
 
+def test_batched_path_equals_lm_eval_and_prints_one_progress_bar(trained, reference):
+    """The default engine against lm-eval's own loglikelihood_rolling task on a few documents (long
+    and short): the same tokens, per-document log-likelihoods (relative 1e-6) and lm-eval metrics.
+    Its output has one progress bar, and neither lm-eval's per-batch bars, transformers' weight
+    loading bar nor warnings about the task or long sequences."""
+    docs, _ = reference
+    jsonl = trained["tmp"] / "few.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:3] + docs[-3:]))
+    results = {}
+    for engine in ("batched", "lm-eval"):
+        out = trained["tmp"] / f"few-{engine}.json"
+        log = _evaluate(trained, "--text-file", str(jsonl), "--text-engine", engine, "--output", str(out)).stdout
+        results[engine] = json.loads(out.read_text())
+        if engine == "batched":
+            assert log.count("scoring documents:") >= 1 and "Running loglikelihood requests" not in log, log[-3000:]
+            assert "Loading weights" not in log and "Token indices sequence length" not in log, log[-3000:]
+        else:
+            assert "Running loglikelihood requests" in log, log[-3000:]  # it is the harness that ran
+        assert "[Task: periln_local_ppl]" not in log, log[-3000:]  # the task's metrics are fully specified
+    fast, harness = (results[e]["token_level"]["periln_local_ppl"] for e in ("batched", "lm-eval"))
+    assert results["batched"]["text_engine"] == "batched" and results["lm-eval"]["text_engine"] == "lm-eval"
+    assert fast["documents"] == harness["documents"] == 6
+    assert [d["tokens"] for d in fast["per_document"]] == [d["tokens"] for d in harness["per_document"]]
+    assert max(d["tokens"] for d in fast["per_document"]) > 3 * SEQ and min(d["tokens"] for d in fast["per_document"]) < SEQ
+    for f, h in zip(fast["per_document"], harness["per_document"]):
+        assert f["loglikelihood"] == pytest.approx(h["loglikelihood"], rel=1e-6), f["doc_id"]
+    for metric in ("bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"):
+        assert results["batched"]["results"]["periln_local_ppl"][metric] == pytest.approx(
+            results["lm-eval"]["results"]["periln_local_ppl"][metric], rel=1e-6), metric
+    assert results["batched"]["max_length"] == results["lm-eval"]["max_length"] == SEQ
+
+
 def test_text_file_and_bos_prefix(trained, reference):
     """Plain text (documents between blank lines) with --prefix-token bos: the same tokens, only the
     first token of each document conditioned differently, and again equal to the trainer's loss."""
@@ -172,6 +206,48 @@ def test_argument_errors_are_one_line(trained, tmp_path, args, message):
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("evaluate: error: "), r.stdout[-2000:]
     assert message in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("evaluate")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_text_file_not_utf8_is_one_line_naming_file_and_byte(trained, tool, tmp_path, capsys, suffix):
+    good = (json.dumps({"text": "a document"}) + "\n").encode() if suffix == ".jsonl" else b"a document\n\n"
+    bad = b'{"text": "caf\xe9"}\n' if suffix == ".jsonl" else b"caf\xe9 latin-1\n"
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(good * 2 + bad + good)
+    offset, line = len(good) * 2 + bad.index(b"\xe9"), good.count(b"\n") * 2 + 1
+    out = tmp_path / "result.json"
+    rc = tool.main([str(trained["hf"]), "--text-file", str(path), "--device", "cpu", "--output", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and not captured.out, captured
+    assert lines[0] == (f"evaluate: error: --text-file {path}: not UTF-8: byte {offset} (line {line}) "
+                        "is b'\\xe9'; save the file as UTF-8"), lines[0]
+    assert not out.exists()
+
+
+def test_prefix_token_beyond_the_vocabulary_is_one_line(trained, tool, tmp_path, capsys, monkeypatch):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "a document"}) + "\n")
+    out = tmp_path / "result.json"
+    for value in ("5000", "1000", "-1"):
+        rc = tool.main([str(trained["hf"]), "--text-file", str(docs), "--prefix-token", value, "--device", "cpu",
+                        "--output", str(out)])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and not captured.out, captured
+        assert lines[0] == (f"evaluate: error: --prefix-token {value}: id {value} is outside the model's "
+                            "vocabulary (vocab_size 1000: ids 0..999)"), lines[0]
+        assert not out.exists()
+    for name, value in {**_offline(trained["tmp"]), "OMP_WAIT_POLICY": "PASSIVE"}.items():
+        monkeypatch.setenv(name, value)  # what the tool would set in this process, undone after the test
+    assert tool.main([str(trained["hf"]), "--text-file", str(docs), "--prefix-token", "999", "--device", "cpu",
+                      "--output", str(out)]) == 0  # the last id is fine
+    assert json.loads(out.read_text())["prefix_token_id"] == 999
 
 
 def test_missing_model_dir(tmp_path):

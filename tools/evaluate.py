@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Evaluate an exported Hugging Face model (tools/convert_to_hf.py) with lm-evaluation-harness.
+"""Evaluate an exported Hugging Face model (tools/convert_to_hf.py): lm-evaluation-harness tasks, local perplexity.
 
     python tools/evaluate.py HF_DIR --tasks periln_paper                 # the paper's zero-shot benchmarks
     python tools/evaluate.py HF_DIR --text-file heldout.jsonl            # perplexity of local documents
     python tools/evaluate.py HF_DIR --tasks arc_easy,piqa --text-file docs.txt --output results.json
 
-Runs lm-eval's HFLM (transformers) on CPU or GPU (--device; default cuda when available).
+Runs the model in transformers (lm-eval's HFLM for --tasks) on CPU or GPU (--device; default cuda when available).
 
 --tasks: lm-eval task or group names, comma-separated; `periln_paper` (tools/lm_eval_tasks/) is
 ARC-Easy, ARC-Challenge, HellaSwag, PIQA, SIQA and Winogrande, zero-shot. Their datasets are
@@ -13,37 +13,40 @@ downloaded from the Hugging Face Hub on first use and cached under HF_HOME (~/.c
 without network access only a cached dataset loads (HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 stops
 the retries), else one line names the dataset and the script exits 2.
 
---text-file: the local perplexity task `periln_local_ppl` on a file read from disk, no download:
-JSONL (one {"text": ...} per line; --text-key for another key) or plain text (documents separated
-by blank lines). Each document is scored whole (lm-eval's loglikelihood_rolling): windows of the
-model's context, every token predicted once, the first token conditioned on one prefix token
-(--prefix-token; default the end-of-document token, which precedes every document in training).
-Reported beside lm-eval's word/byte perplexity and bits per byte: tokens, and the token-level NLL
-(nats per token, the trainer's loss) and its perplexity. With only --text-file nothing is fetched
-from the network (HF_HUB_OFFLINE=1 is set).
+--text-file: perplexity of local documents read from disk, no download: JSONL (one {"text": ...}
+per line; --text-key for another key) or plain text (documents separated by blank lines). Each
+document is scored whole in lm-eval's loglikelihood_rolling windows of the model's context, every
+token predicted once, the first token conditioned on one prefix token (--prefix-token; default
+the end-of-document token, which precedes every document in training), by batched forward passes
+(periln_megatron.evaluation; --text-engine lm-eval runs the harness's own task periln_local_ppl
+instead, 3-5x slower, the same numbers: benchmarks/RESULTS_evaluate.md). Reported: tokens, the
+token-level NLL (nats per token, the trainer's loss) and its perplexity, and lm-eval's word/byte
+perplexity and bits per byte. With only --text-file nothing is fetched from the network
+(HF_HUB_OFFLINE=1 is set).
 
-Exit status: 0 done; 2 bad arguments, a missing model or file, a dataset that cannot be loaded.
-PERILN_DEBUG=1 shows tracebacks. Needs `pip install "lm-eval[hf]"` (in the test extra).
+On CPU the tool sets OMP_WAIT_POLICY=PASSIVE unless it is set (docs/evaluation.md: spinning OpenMP
+threads made scoring on cores busy with other work ~9x slower).
+
+Exit status: 0 done; 2 bad arguments, a missing model or file, a file that is not UTF-8, a dataset
+that cannot be loaded. PERILN_DEBUG=1 shows tracebacks. --tasks and --text-engine lm-eval need
+`pip install "lm-eval[hf]"` (in the test extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
+from periln_megatron import evaluation
+from periln_megatron.evaluation import LOCAL_TASK, EvalError
+
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-LOCAL_TASK = "periln_local_ppl"
 # lm-eval's own task folders that periln_paper uses: indexing only these takes seconds, the full
 # catalogue (thousands of YAML files) much longer; any other name falls back to the full one.
 PAPER_TASK_DIRS = ("arc", "hellaswag", "piqa", "siqa", "winogrande")
-
-
-class EvalError(Exception):
-    """One line for the user; exit 2."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -62,28 +65,15 @@ def _check_model_dir(path: Path) -> None:
 
 
 def _local_task_config(text_file: Path, text_key: str) -> dict:
-    """The shipped periln_local_ppl.yaml with its data file (and the builder for .txt) set."""
+    """The shipped periln_local_ppl.yaml with its data file (and the builder for .txt) set; the file
+    is checked by evaluation.read_documents first."""
     import yaml
 
-    if not text_file.is_file():
-        raise EvalError(f"--text-file {text_file}: not found")
     config = yaml.safe_load((TASKS_DIR / f"{LOCAL_TASK}.yaml").read_text())
     if text_file.suffix in (".jsonl", ".json"):
-        with open(text_file, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), None)
-        if first is None:
-            raise EvalError(f"--text-file {text_file}: no documents")
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"--text-file {text_file}: line 1 is not JSON ({e.msg}); JSONL holds one object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            raise EvalError(f"--text-file {text_file}: line 1 has no string {text_key!r} (use --text-key)")
         config["dataset_kwargs"] = {"data_files": {"test": str(text_file.resolve())}}
         config["doc_to_target"] = text_key
     else:  # plain text: one document per blank-line separated paragraph
-        if not text_file.read_text(encoding="utf-8").strip():
-            raise EvalError(f"--text-file {text_file}: no documents")
         config["dataset_path"] = "text"
         config["dataset_kwargs"] = {"data_files": {"test": str(text_file.resolve())}, "sample_by": "paragraph"}
         config["doc_to_target"] = "text"
@@ -126,15 +116,19 @@ def _prefix_token_id(choice: str, config: dict) -> int:
             value = value[0] if value else None
         if value is None:
             raise EvalError(f"--prefix-token {choice}: the model's config.json has no {choice}_token_id; give an id")
-        return int(value)
-    try:
-        return int(choice)
-    except ValueError:
-        raise EvalError(f"--prefix-token: eos, bos or a token id, not {choice!r}") from None
+        value = int(value)
+    else:
+        try:
+            value = int(choice)
+        except ValueError:
+            raise EvalError(f"--prefix-token: eos, bos or a token id, not {choice!r}") from None
+    if isinstance(config.get("vocab_size"), int):
+        evaluation.check_prefix_token(value, choice, config["vocab_size"])
+    return value
 
 
 def rolling_token_stats(lm, samples: list[dict]) -> dict:
-    """Token-level NLL of a loglikelihood_rolling task from its logged samples: each document's
+    """Token-level NLL of a loglikelihood_rolling task from lm-eval's logged samples: each document's
     loglikelihood (the sum over its tokens, as lm-eval computed it) and its token count (the model's
     tokenizer as HFLM encodes the document: every one of these tokens was predicted once)."""
     documents = []
@@ -144,11 +138,7 @@ def rolling_token_stats(lm, samples: list[dict]) -> dict:
         ll = float(ll[0] if isinstance(ll, (list, tuple)) else ll)
         documents.append({"doc_id": s["doc_id"], "tokens": len(lm.tok_encode(text)), "loglikelihood": ll,
                           "bytes": len(text.encode("utf-8"))})
-    tokens = sum(d["tokens"] for d in documents)
-    nll = -sum(d["loglikelihood"] for d in documents)
-    per_token = nll / tokens if tokens else float("nan")
-    return {"documents": len(documents), "tokens": tokens, "nll_sum": nll, "token_nll": per_token,
-            "token_perplexity": math.exp(per_token) if tokens else float("nan"), "per_document": documents}
+    return evaluation.token_stats(documents)
 
 
 def main(argv=None) -> int:
@@ -162,9 +152,13 @@ def main(argv=None) -> int:
                         help="token each document's first token is conditioned on in the perplexity task "
                              "(default eos: the end-of-document token that precedes documents in training; "
                              "lm-eval's own default is bos)")
+    parser.add_argument("--text-engine", choices=("batched", "lm-eval"), default="batched",
+                        help="how --text-file is scored: batched windows (default) or lm-eval's own "
+                             "loglikelihood_rolling task, far slower, for cross-checks")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="weights' dtype for evaluation: auto (config.json's), float32, bfloat16, float16")
-    parser.add_argument("--batch-size", default="8", help="batch size, or auto (default 8)")
+    parser.add_argument("--batch-size", help="lm-eval's batch size, or auto (default 8); for --text-file, windows per "
+                        "forward pass (default: 16384 tokens' worth, fewer for a large vocabulary)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; 0 for periln_paper)")
     parser.add_argument("--limit", type=float, help="only the first N documents of each task (a fraction if < 1); for smoke tests")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
@@ -191,6 +185,17 @@ def main(argv=None) -> int:
         return 2
 
 
+def _batch_size(value: str | None):
+    if value is None or value == "auto":
+        return value
+    try:
+        if int(value) >= 1:
+            return int(value)
+    except ValueError:
+        pass
+    raise EvalError(f"--batch-size {value}: a positive integer or auto")
+
+
 def _run(args) -> int:
     names = _split_tasks(args.tasks)
     if LOCAL_TASK in names:
@@ -199,60 +204,84 @@ def _run(args) -> int:
         raise EvalError("nothing to evaluate: give --tasks (e.g. periln_paper) and/or --text-file")
     _check_model_dir(args.model_dir)
     model_config = json.loads((args.model_dir / "config.json").read_text())
-    local = _local_task_config(args.text_file, args.text_key) if args.text_file else None
-    if local is not None:
+    documents = prefix = None
+    if args.text_file is not None:
+        documents = evaluation.limit_documents(evaluation.read_documents(args.text_file, args.text_key), args.limit)
         prefix = _prefix_token_id(args.prefix_token, model_config)
-    else:
-        prefix = None
+    batch_size = _batch_size(args.batch_size)
+    via_lm_eval = bool(names) or (documents is not None and args.text_engine == "lm-eval")
+    if via_lm_eval:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as e:
+            raise EvalError(f"lm-evaluation-harness is not installed ({e.name or e}): "
+                            "pip install \"lm-eval[hf]\"") from None
     if not names:  # a purely local evaluation never goes to the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:
-        raise EvalError(f"lm-evaluation-harness is not installed ({e.name or e}): pip install \"lm-eval[hf]\"") from None
-    import logging
-
+    evaluation.passive_omp_wait()
     import torch
 
-    if not args.verbose:
-        for name in ("lm_eval", "lm-eval", "lm_eval.evaluator"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manager = _task_manager(names) if names else _task_manager([])
-    lm = HFLM(pretrained=str(args.model_dir), device=device, dtype=args.dtype, batch_size=batch_size,
-              prefix_token_id=prefix)
-    tasks: list = list(names) + ([local] if local is not None else [])
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-                                      limit=args.limit, bootstrap_iters=args.bootstrap_iters, log_samples=True)
-
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
-    token_level = {}
-    for task, samples in results.get("samples", {}).items():
-        output_type = results["configs"].get(task, {}).get("output_type")
-        if output_type == "loglikelihood_rolling":
-            token_level[task] = rolling_token_stats(lm, samples)
-            s = token_level[task]
-            print(f"{task}: {s['documents']} documents, {s['tokens']} tokens, token-level NLL {s['token_nll']:.6f} "
-                  f"nats/token (perplexity {s['token_perplexity']:.4f}); first token of each document conditioned "
-                  f"on token {lm.prefix_token_id}")
+    out = {"model_dir": str(args.model_dir), "device": device, "prefix_token_id": prefix, "results": {}, "groups": {},
+           "token_level": {}}
+    if documents is not None and args.text_engine == "batched":
+        local = evaluation.evaluate_documents(args.model_dir, documents, prefix, device, args.dtype,
+                                              None if batch_size == "auto" else batch_size)
+        out.update(text_engine="batched", max_length=local["max_length"])
+        out["results"].update(local["results"])
+        out["token_level"].update(local["token_level"])
+        metrics = local["results"][LOCAL_TASK]
+        print(f"{LOCAL_TASK}: bits_per_byte {metrics['bits_per_byte,none']:.4f}, byte_perplexity "
+              f"{metrics['byte_perplexity,none']:.4f}, word_perplexity {metrics['word_perplexity,none']:.4f}; "
+              f"scored in {local['seconds']:.1f} s "
+              f"({local['token_level'][LOCAL_TASK]['tokens'] / max(local['seconds'], 1e-9):.0f} tokens/s)")
+    if via_lm_eval:
+        _lm_eval(args, names, device, prefix, batch_size, out)
+    for task, s in out["token_level"].items():
+        print(f"{task}: {s['documents']} documents, {s['tokens']} tokens, token-level NLL {s['token_nll']:.6f} "
+              f"nats/token (perplexity {s['token_perplexity']:.4f}); first token of each document conditioned "
+              f"on token {prefix}")
     if args.output:
-        out = {"model_dir": str(args.model_dir), "lm_eval_version": lm_eval.__version__, "device": device,
-               "prefix_token_id": lm.prefix_token_id, "max_length": lm.max_length,
-               "results": results["results"], "groups": results.get("groups", {}),
-               "n-shot": results.get("n-shot"), "n-samples": results.get("n-samples"),
-               "versions": results.get("versions"), "token_level": token_level}
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(out, indent=2, default=str) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _lm_eval(args, names: list[str], device: str, prefix: int | None, batch_size, out: dict) -> None:
+    """--tasks (and --text-engine lm-eval): lm-eval's HFLM and simple_evaluate; results into `out`."""
+    import logging
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import make_table
+
+    if not args.verbose:
+        for name in ("lm_eval", "lm-eval", "lm_eval.evaluator"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    tasks: list = list(names)
+    if args.text_file is not None and args.text_engine == "lm-eval":
+        tasks.append(_local_task_config(args.text_file, args.text_key))
+    manager = _task_manager(names)
+    lm = HFLM(pretrained=str(args.model_dir), device=device, dtype=args.dtype, batch_size=batch_size or 8,
+              prefix_token_id=prefix)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, bootstrap_iters=args.bootstrap_iters, log_samples=True)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    for task, samples in results.get("samples", {}).items():
+        if results["configs"].get(task, {}).get("output_type") == "loglikelihood_rolling":
+            out["token_level"][task] = rolling_token_stats(lm, samples)
+    out["results"].update(results["results"])
+    out["groups"].update(results.get("groups", {}))
+    out.update({"lm_eval_version": lm_eval.__version__, "n-shot": results.get("n-shot"),
+                "n-samples": results.get("n-samples"), "versions": results.get("versions")})
+    out.setdefault("max_length", lm.max_length)
+    if args.text_file is not None and args.text_engine == "lm-eval":
+        out["text_engine"] = "lm-eval"
+        out["max_length"] = lm.max_length
 
 
 if __name__ == "__main__":
