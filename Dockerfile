@@ -67,7 +67,7 @@ RUN pip install --no-deps --no-build-isolation . \
  && python -c "import sys, torch, megatron.core, periln_megatron; print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)" \
  && pip list --format=freeze | grep -iE '^(transformer[-_]engine[^=]*|apex)==' \
  && periln-train --help > /dev/null \
- && python -c "from periln_megatron.tokenizer import check_tokenizer_libraries as check; print(check())"
+ && python -c "from periln_megatron.data.tokenizers import check_tokenizer_libraries as check; print(check())"
 
 # Recipes, Slurm templates and tools travel with the image; at run time the sbatch templates also
 # mount the checkout (same path) and start from it, so recipes can be edited without a rebuild.

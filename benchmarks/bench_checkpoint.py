@@ -124,7 +124,7 @@ def _state_bytes(chunks, optimizer) -> dict:
     views of the model's, Adam moments)."""
     import torch
 
-    from periln_megatron.checkpoint import _torch_adams
+    from periln_megatron.checkpoint.optimizer_state import _torch_adams
 
     params = {id(p): p for chunk in chunks for p in chunk.parameters()}
     model_storages = {p.untyped_storage().data_ptr() for p in params.values()}
@@ -149,7 +149,7 @@ def _state_bytes(chunks, optimizer) -> dict:
 def _optimizer_sums(optimizer) -> list[float]:
     import torch
 
-    from periln_megatron.checkpoint import _torch_adams
+    from periln_megatron.checkpoint.optimizer_state import _torch_adams
 
     sums = []
     for adam in _torch_adams(optimizer):
@@ -212,7 +212,7 @@ def _mem_available() -> int:
 def _params(recipe_path: str, override_groups: list[list[str]], nproc: int) -> tuple[int, object]:
     sys.path.insert(0, str(REPO))
     from periln_megatron.config import combine_overrides, load_recipe
-    from periln_megatron.param_count import count_parameters
+    from periln_megatron.model.param_count import count_parameters
 
     recipe = load_recipe(recipe_path, combine_overrides(*override_groups), world_size=nproc, check_environment=False)
     return count_parameters(recipe, recipe.padded_vocab_size())["total"], recipe

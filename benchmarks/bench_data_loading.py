@@ -32,8 +32,8 @@ def build_dataset(tmp: Path, seq: int, samples: int):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from periln_megatron.data import TokenizerInfo
-    from periln_megatron.indexed_data import PrefixWriter
+    from periln_megatron.data.datasets import TokenizerInfo
+    from periln_megatron.data.indexed import PrefixWriter
 
     writer = PrefixWriter(tmp / "random", vocab_size=100277)
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from periln_megatron.data import BatchPrefetcher, MicroBatches
+    from periln_megatron.data.datasets import BatchPrefetcher, MicroBatches
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset = build_dataset(Path(tmp), seq=2048, samples=(args.iterations + 2) * 256)

@@ -35,10 +35,11 @@ def write_rank(ckpt: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from periln_megatron import checkpoint, runtime
+    from periln_megatron import checkpoint
+    from periln_megatron.distributed import runtime
     from periln_megatron.config import load_recipe
-    from periln_megatron.model import build_gpt_model
-    from periln_megatron.train import transformer_config
+    from periln_megatron.model.build import build_gpt_model
+    from periln_megatron.model.build import transformer_config
 
     recipe = load_recipe(REPO / "recipes/peri_ln/3.2b.yaml", OVERRIDES, world_size=4, check_environment=False)
     p = recipe.parallel

@@ -1,6 +1,6 @@
 """Training-step time (forward + backward + optimizer step) of Peri-LN vs Pre-LN, same model size.
 
-Both models are built by periln_megatron.model.build_gpt_model and trained through megatron-core's
+Both models are built by periln_megatron.model.build.build_gpt_model and trained through megatron-core's
 DDP, optimizer and (no-pipelining) schedule, single process. Steps alternate between the two
 models (the order flips every repetition) and the median of each is reported, with the ratio.
 
@@ -16,10 +16,13 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from periln_megatron import runtime
+from periln_megatron.distributed import runtime
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main():
@@ -49,14 +52,15 @@ def main():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from periln_megatron.model import build_gpt_model, transformer_config
+    from periln_megatron.config import load_recipe
+    from periln_megatron.model.build import build_gpt_model, transformer_config
 
-    dtype = torch.bfloat16 if gpu else torch.float32
-    config = transformer_config(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.groups or args.heads, ffn_hidden_size=ffn, normalization=args.normalization,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=gpu,
-    )
+    recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", [
+        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.num_attention_heads={args.heads}",
+        f"model.num_query_groups={args.groups or args.heads}", f"model.ffn_hidden_size={ffn}",
+        f"model.normalization={args.normalization}", f"precision.preset={'bf16' if gpu else 'fp32'}"],
+        check_environment=False)
+    config = transformer_config(recipe)
     device = runtime.device()
     data = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device)
     positions = torch.arange(args.seq, device=device).expand(args.micro_batch, args.seq)
@@ -73,7 +77,7 @@ def main():
                                 vocab_size=args.vocab, max_sequence_length=args.seq).to(device)
         ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, bf16=gpu,
-                                                     params_dtype=dtype), [ddp])
+                                                     params_dtype=config.params_dtype), [ddp])
 
         def step(ddp=ddp, opt=opt):
             ddp.zero_grad_buffer()

@@ -28,7 +28,7 @@ def train_main(argv: list[str] | None = None) -> int:
         code = e.code if isinstance(e.code, int) else 2
         raise
     finally:
-        from periln_megatron.launch import record_status
+        from periln_megatron.distributed.launch import record_status
 
         record_status(code)  # for periln-launch, when it started this rank
 
@@ -49,15 +49,15 @@ def _train_main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
 
     from periln_megatron.checkpoint import CheckpointError, check_resumable
-    from periln_megatron.data import TokenIdError
-    from periln_megatron.runtime import launch_environment, read_dist_env
+    from periln_megatron.data.datasets import TokenIdError
+    from periln_megatron.distributed.runtime import launch_environment, read_dist_env
 
     try:
         dist = read_dist_env()
         recipe = load_recipe(args.recipe, args.overrides, world_size=dist.world_size)
         # before CUDA starts (torchrun or srun without periln-launch / slurm/common.sh)
         os.environ.update(launch_environment(recipe.parallel.tp, recipe.parallel.cp))
-        from periln_megatron.data import check_prefixes, resolve_tokenizer
+        from periln_megatron.data.datasets import check_prefixes, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(recipe)
         check_prefixes(recipe)
@@ -66,8 +66,10 @@ def _train_main(argv: list[str] | None) -> int:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2
 
-    from periln_megatron import run_lock, runtime
-    from periln_megatron.train import EXIT_NONFINITE, NonFiniteError, train
+    from periln_megatron.training import run_lock
+    from periln_megatron.distributed import runtime
+    from periln_megatron.exit_codes import EXIT_NONFINITE
+    from periln_megatron.training.loop import NonFiniteError, train
 
     try:
         return train(recipe, tokenizer, exit_after_minutes=args.exit_after_minutes)
@@ -98,7 +100,7 @@ class _RecipeReference(argparse.Action):
     """--help-recipe: like --help, it prints and exits before --recipe is required."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from periln_megatron.recipe_reference import reference_markdown
+        from periln_megatron.config.reference import reference_markdown
 
         sys.stdout.write(reference_markdown())
         parser.exit(0)
@@ -124,7 +126,7 @@ def params_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="periln-params", description="Parameter counts of recipes (total, non-embedding), and the check "
         "that a recipe's `nominal_size` is within 10% of its total. Exits 1 if one is not. With --memory, the "
-        "estimated per-GPU memory at the recipe's layout (periln_megatron/memory.py).")
+        "estimated per-GPU memory at the recipe's layout (periln_megatron/model/memory.py).")
     parser.add_argument("recipes", nargs="+", help="recipe YAML files")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="one JSON object per recipe")
@@ -140,8 +142,8 @@ def params_main(argv: list[str] | None = None) -> int:
                         help="memory of one GPU, for the percentage (default 79.6: an H100 80GB)")
     args = parser.parse_args(argv)
 
-    from periln_megatron.memory import estimate, format_estimate
-    from periln_megatron.param_count import count_parameters
+    from periln_megatron.model.memory import estimate, format_estimate
+    from periln_megatron.model.param_count import count_parameters
 
     status = 0
     for path in args.recipes:

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from periln_megatron.exit_codes import EXIT_NONFINITE
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 CORPUS_BYTES = 3_000_000
@@ -45,7 +47,6 @@ PROMPT_WORDS = 4
 SAMPLE_TOKENS = 32
 PLACEMENTS = (("peri", "Peri-LN"), ("pre", "Pre-LN"))
 LABEL = dict(PLACEMENTS)
-EXIT_NONFINITE = 3  # periln_megatron.train.EXIT_NONFINITE: a non-finite loss or grad norm stopped the run
 
 # What "far more", "equal" and "unstable" mean in the findings (see classify()).
 FAR_MORE = 10.0          # Pre-LN's figure at least 10x Peri-LN's
@@ -191,7 +192,7 @@ def split_bounds(split: list[float], n: int) -> list[int]:
 def corpus_stats(prefix: Path, split: list[float], vocab: int) -> CorpusStats:
     import numpy as np
 
-    from periln_megatron.indexed_data import read_index_header, verified_sequence_lengths
+    from periln_megatron.data.indexed import read_index_header, verified_sequence_lengths
 
     docs, lengths = verified_sequence_lengths(prefix)
     dtype, _, _ = read_index_header(prefix.with_suffix(".idx"))

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from periln_megatron.metrics import MetricsError, read_metrics, series
+from periln_megatron.training.metrics import MetricsError, read_metrics, series
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"peri": "recipes/peri_ln/400m.yaml", "pre": "recipes/pre_ln/400m.yaml", "post": "recipes/post_ln/400m.yaml"}
@@ -196,9 +196,9 @@ class GpuCheck:
     def memory_estimate(self) -> None:
         """periln-params --memory's estimate against the trainer's logged max_memory_allocated."""
         from periln_megatron.config import load_recipe
-        from periln_megatron.memory import estimate
-        from periln_megatron.specs import HAVE_TE
-        from periln_megatron.train import fusion_kernels
+        from periln_megatron.model.memory import estimate
+        from periln_megatron.model.specs import HAVE_TE
+        from periln_megatron.model.build import fusion_kernels
 
         for backend in ("te", "local"):
             name = f"memory-estimate-{backend}"
@@ -278,7 +278,7 @@ class GpuCheck:
     def run_all(self) -> None:
         import torch
 
-        from periln_megatron.specs import HAVE_TE
+        from periln_megatron.model.specs import HAVE_TE
 
         if self.device == "cpu":
             gpus = 2

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from periln_megatron.specs import get_layer_spec
+from periln_megatron.model.specs import get_layer_spec
 
 PLACEMENTS = ("peri", "pre", "output")
 BACKENDS = ("te", "local")

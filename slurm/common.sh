@@ -28,7 +28,7 @@
 # Node count, account, partition and time limit are sbatch options, not variables:
 #   sbatch -A myacct -p gpu -N 8 -t 12:00:00 slurm/peri_3b.sbatch
 
-# Exit status contract with the trainer (periln_megatron/train.py).
+# Exit status contract with the trainer (periln_megatron/training/loop.py).
 readonly PERILN_EXIT_DONE=0
 readonly PERILN_EXIT_REQUEUE=75   # EX_TEMPFAIL: checkpoint saved after a signal, requeue me
 

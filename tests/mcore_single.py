@@ -5,7 +5,7 @@
 
 import pytest
 
-from periln_megatron import runtime
+from periln_megatron.distributed import runtime
 
 
 @pytest.fixture(scope="module", autouse=True)

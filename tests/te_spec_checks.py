@@ -4,7 +4,7 @@ import here as placeholders); and the mark of the tests that need TE on a GPU.""
 import pytest
 import torch
 
-from periln_megatron import specs
+from periln_megatron.model import specs
 
 
 def needs_gpu(test):

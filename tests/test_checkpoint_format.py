@@ -37,7 +37,7 @@ def train(nproc: int, ckpt: Path, *overrides: str, no_gather: bool = False) -> s
 # ------------------------------------------------------------------------------ units (no processes)
 
 def test_row_major_boxes_tile_the_range():
-    from periln_megatron.checkpoint import _row_major_boxes
+    from periln_megatron.checkpoint.optimizer_state import _row_major_boxes
 
     rng = random.Random(0)
     for shape in [(7,), (5, 3), (1, 9), (4, 3, 5), (2, 1, 3, 4)]:
@@ -78,7 +78,7 @@ def test_slices_of_a_swiglu_factory_land_where_the_model_tensor_does(tp_rank):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-    from periln_megatron.checkpoint import _slice_tensors
+    from periln_megatron.checkpoint.optimizer_state import _slice_tensors
 
     ffn, hidden, tp, layer, layers = 6, 5, 2, 2, 4
     local = torch.arange(2 * ffn // tp * hidden).view(2 * ffn // tp, hidden)
@@ -128,7 +128,7 @@ def _bytes_by_rank(iteration: Path) -> dict[tuple[str, int], int]:
 
 
 def test_both_formats_write_the_same_tensors_spread_differently(dp2):
-    from periln_megatron.hf.reader import TorchDistReader
+    from periln_megatron.checkpoint.reader import TorchDistReader
 
     (new, new_losses), (old, old_losses) = dp2["fully_parallel"], dp2["gathered"]
     assert new_losses == old_losses

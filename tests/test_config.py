@@ -90,7 +90,7 @@ def test_overrides_and_base_merge(tmp_path):
 
 def test_base_resolves_as_docs_recipes_md_says(tmp_path, monkeypatch):
     """A relative `base:` is relative to the file naming it; keys merge per section, lists are replaced
-    whole; --set comes last and a later --set of a key wins."""
+    whole; --set comes last, each key once."""
     (tmp_path / "shared").mkdir()
     (tmp_path / "exp").mkdir()
     write(tmp_path / "shared", tiny(train={"exit_signals": ["SIGTERM", "SIGUSR1"], "steps": 30}), "root.yaml")
@@ -98,7 +98,9 @@ def test_base_resolves_as_docs_recipes_md_says(tmp_path, monkeypatch):
     leaf = write(tmp_path / "exp", {"base": "../shared/mid.yaml", "train": {"exit_signals": ["SIGUSR2"]},
                                     "model": {"hidden_size": 96, "num_attention_heads": 4}})
     monkeypatch.chdir(tmp_path / "exp")  # not where the bases are
-    recipe = load_recipe(leaf, ["model.num_layers=2", "model.num_layers=8"])
+    with pytest.raises(RecipeError, match="model.num_layers: given twice"):
+        load_recipe(leaf, ["model.num_layers=2", "model.num_layers=8"])
+    recipe = load_recipe(leaf, ["model.num_layers=8"])
     assert (recipe.model.num_layers, recipe.model.hidden_size, recipe.model.seq_length) == (8, 96, 64)
     assert (recipe.train.exit_signals, recipe.train.steps) == (["SIGUSR2"], 30)
     write(tmp_path / "shared", {"base": "mid.yaml"}, "root.yaml")
@@ -144,7 +146,7 @@ def spm_400(tmp_path_factory):
 
 
 def test_tiny_recipe_takes_a_real_tokenizer(spm_400):
-    from periln_megatron.data import resolve_tokenizer
+    from periln_megatron.data.datasets import resolve_tokenizer
 
     recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml",
                          ["tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])

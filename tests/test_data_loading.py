@@ -6,7 +6,7 @@ import torch
 
 from launch import run_torchrun, step_losses
 
-from periln_megatron.data import BatchPrefetcher, MicroBatches
+from periln_megatron.data.datasets import BatchPrefetcher, MicroBatches
 
 
 class _Samples:

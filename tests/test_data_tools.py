@@ -1,4 +1,4 @@
-"""Data tools: train_tokenizer, preprocess_data, inspect_data, periln_megatron.tokenizer / indexed_data.
+"""Data tools: train_tokenizer, preprocess_data, inspect_data, periln_megatron.data.tokenizers / indexed_data.
 
 Real SentencePiece / tokenizers / tiktoken / megatron-core throughout; tokenizers are trained
 once per module on the text carried in tests/data (tests/corpus.py).
@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
 from launch import load_tool  # noqa: E402
-from periln_megatron.indexed_data import DataPrefixError, verify_prefix  # noqa: E402
-from periln_megatron.tokenizer import load_tokenizer  # noqa: E402
+from periln_megatron.data.indexed import DataPrefixError, verify_prefix  # noqa: E402
+from periln_megatron.data.tokenizers import load_tokenizer  # noqa: E402
 
 SP = "SentencePieceTokenizer"
 UNICODE_DOCS = [
@@ -128,7 +128,7 @@ def test_roundtrip_indexed_dataset_and_gpt_dataset(pp, spm_model, docs_jsonl, tm
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
-    from periln_megatron import indexed_data
+    from periln_megatron.data import indexed as indexed_data
 
     assert {c: DType.dtype_from_code(c) for c in indexed_data.DTYPE_CODES} == indexed_data.DTYPE_CODES
     docs, path = docs_jsonl

@@ -13,7 +13,7 @@ import pytest
 
 from launch import run, run_torchrun
 
-from periln_megatron.diagnostics import LAYER_DIM_KEYS, LAYER_KEYS, SpikeDetector
+from periln_megatron.training.diagnostics import LAYER_DIM_KEYS, LAYER_KEYS, SpikeDetector
 
 TRAIN = ["-m", "periln_megatron.train", "--recipe"]
 NUM_LAYERS = 4  # recipes/tiny

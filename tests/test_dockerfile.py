@@ -157,16 +157,16 @@ def _build_tokenizer_check_types() -> set[str]:
     """The tokenizer types whose libraries the image build imports (check_tokenizer_libraries in a RUN)."""
     import ast
 
-    from periln_megatron.tokenizer import TOKENIZER_TYPES
+    from periln_megatron.data.tokenizers import TOKENIZER_TYPES
 
     runs = [i for i in INSTRUCTIONS if i.startswith("RUN ")]
     snippets = [s for run in runs for s in re.findall(r'python -c "([^"]*)"', run) if "check_tokenizer_libraries" in s]
-    assert snippets, "no RUN imports the tokenizer libraries (periln_megatron.tokenizer.check_tokenizer_libraries)"
+    assert snippets, "no RUN imports the tokenizer libraries (periln_megatron.data.tokenizers.check_tokenizer_libraries)"
     covered = set()
     for snippet in snippets:
         tree = ast.parse(snippet.replace("; ", "\n"))
         names = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and node.module == "periln_megatron.tokenizer" for a in node.names if a.name == "check_tokenizer_libraries"}
+                 and node.module == "periln_megatron.data.tokenizers" for a in node.names if a.name == "check_tokenizer_libraries"}
         for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
             if isinstance(call.func, ast.Name) and call.func.id in names:
                 covered |= set(TOKENIZER_TYPES if not call.args else ast.literal_eval(call.args[0]))
@@ -175,7 +175,7 @@ def _build_tokenizer_check_types() -> set[str]:
 
 def test_build_imports_every_tokenizer_a_recipe_can_name():
     from periln_megatron.config import CHOICES
-    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
+    from periln_megatron.data.tokenizers import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
 
     used = _recipe_tokenizer_types()
     assert "TikTokenizer" in used.values(), used  # the paper recipes (cl100k)
@@ -197,7 +197,7 @@ def test_tokenizer_libraries_are_runtime_dependencies():
     is a runtime dependency in pyproject.toml or a requirement of one (tokenizers of transformers)."""
     from importlib.metadata import packages_distributions, requires
 
-    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES
+    from periln_megatron.data.tokenizers import TOKENIZER_LIBRARIES
 
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
@@ -218,10 +218,10 @@ def test_tokenizer_libraries_are_runtime_dependencies():
 
 def test_tokenizer_check_imports_each_library():
     """In a fresh interpreter: none of the libraries is imported before the check, all are after."""
-    from periln_megatron.tokenizer import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
+    from periln_megatron.data.tokenizers import TOKENIZER_LIBRARIES, TOKENIZER_TYPES
 
     modules = sorted({spec.partition(":")[0] for specs in TOKENIZER_LIBRARIES.values() for spec in specs})
-    code = ("import json, sys; from periln_megatron.tokenizer import check_tokenizer_libraries as check; "
+    code = ("import json, sys; from periln_megatron.data.tokenizers import check_tokenizer_libraries as check; "
             f"mods = {modules!r}; before = [m for m in mods if m in sys.modules]; result = check(); "
             "print(json.dumps({'before': before, 'after': [m for m in mods if m in sys.modules], 'result': result}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -234,7 +234,7 @@ def test_tokenizer_check_imports_each_library():
 
 
 def test_tokenizer_check_names_a_missing_library(monkeypatch):
-    from periln_megatron.tokenizer import check_tokenizer_libraries
+    from periln_megatron.data.tokenizers import check_tokenizer_libraries
 
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now fails
     with pytest.raises(ImportError, match="TikTokenizer needs tiktoken:Encoding \\(pip package 'tiktoken'\\)"):

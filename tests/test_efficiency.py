@@ -22,8 +22,8 @@ def recipe(path, *overrides):
 
 def test_flops_per_token_of_the_400m_recipe_by_hand():
     """Megatron-LM's num_floating_point_operations for recipes/peri_ln/400m.yaml, written out."""
-    from periln_megatron.flops import training_flops_per_token
-    from periln_megatron.train import model_flops_per_token
+    from periln_megatron.model.flops import training_flops_per_token
+    from periln_megatron.model.build import model_flops_per_token
 
     # L=16 layers, h=1024, 16 heads of 64 (q = kv = 1024: no GQA), ffn=2816 (SwiGLU), s=2048,
     # V = cl100k's 100277 padded to a multiple of 128 = 100352.
@@ -39,7 +39,7 @@ def test_flops_per_token_of_the_400m_recipe_by_hand():
     assert training_flops_per_token(r) == expected
     assert model_flops_per_token(r, r.padded_vocab_size()) == expected
     # The old 6N + 12*L*h*s counted the input embedding and the whole (non-causal) score matrix: +40%.
-    from periln_megatron.param_count import count_parameters
+    from periln_megatron.model.param_count import count_parameters
 
     old = 6 * count_parameters(r)["total"] + 12 * 16 * 1024 * 2048
     assert old == 2_869_303_296 and round(old / expected, 2) == 1.40
@@ -55,11 +55,11 @@ def test_flops_formula_against_the_built_model(tmp_path):
 import json, sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from periln_megatron import runtime
+from periln_megatron.distributed import runtime
 from periln_megatron.config import load_recipe
 
 runtime.initialize()
-from periln_megatron.train import build_model_chunks, model_flops_per_token, transformer_config
+from periln_megatron.model.build import build_model_chunks, model_flops_per_token, transformer_config
 
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 vocab = recipe.padded_vocab_size()
@@ -83,13 +83,13 @@ runtime.shutdown()
         assert got["counted"] == got["formula"] + full_minus_causal, (name, got)
     # by hand for the tiny GQA shape: L=4, h=64, 4 heads of 16, 2 groups (kv=32), ffn=128, s=64, V=256
     per_layer = 64 * (64 + 2 * 32) + 64 * 64 // 2 * 2 + 64 * 64 + 3 * 64 * 128
-    from periln_megatron.flops import training_flops_per_token
+    from periln_megatron.model.flops import training_flops_per_token
 
     assert training_flops_per_token(recipe(TINY)) == 6 * (4 * per_layer + 64 * 256) == 1_081_344
 
 
 def test_peak_flops_by_device_name_and_precision():
-    from periln_megatron.flops import lookup_peak, matmul_dtype, peak_flops
+    from periln_megatron.model.flops import lookup_peak, matmul_dtype, peak_flops
 
     assert lookup_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12  # SXM
     assert lookup_peak("NVIDIA H100 PCIe", "bf16")[0] == 756.5e12
@@ -99,7 +99,7 @@ def test_peak_flops_by_device_name_and_precision():
     assert lookup_peak("NVIDIA A100-SXM4-80GB", "tf32")[0] == 156e12
     peak, why = lookup_peak("NVIDIA A100 80GB PCIe", "fp8")
     assert peak is None and "no fp8 peak" in why
-    assert lookup_peak("Some Future GPU", "bf16") == (None, "'Some Future GPU' is not in periln_megatron.flops.PEAK_TFLOPS")
+    assert lookup_peak("Some Future GPU", "bf16") == (None, "'Some Future GPU' is not in periln_megatron.model.flops.PEAK_TFLOPS")
     assert [matmul_dtype(p) for p in ("bf16", "fp16", "fp8", "fp32")] == ["bf16", "fp16", "fp8", "fp32"]
     assert matmul_dtype("fp32", tf32=True) == "tf32"
 
@@ -124,7 +124,7 @@ def test_peak_tflops_key_is_validated(bad):
 def test_trainer_logs_throughput_per_gpu_and_mfu(tmp_path):
     """Two ranks on CPU with logging.peak_tflops: tokens/s/GPU is the global rate over 2, TFLOP/s/GPU
     is that times the model FLOPs per token, MFU that over the given peak."""
-    from periln_megatron.flops import training_flops_per_token
+    from periln_megatron.model.flops import training_flops_per_token
 
     peak = 0.02
     out = run_torchrun(2, ["-m", "periln_megatron.train", "--recipe", TINY, "--set", "train.steps=3",
@@ -163,7 +163,7 @@ def _config_fields(config) -> dict:
 
 @pytest.mark.parametrize("path", ["recipes/peri_ln/400m.yaml", "recipes/pre_ln/3.2b.yaml", "recipes/post_ln/400m.yaml"])
 def test_cuda_config_enables_megatron_lm_fusions_and_cpu_config_has_none(path):
-    from periln_megatron.train import transformer_config, transformer_config_kwargs
+    from periln_megatron.model.build import transformer_config, transformer_config_kwargs
 
     r = recipe(path)
     cpu = transformer_config(r)  # this machine: no CUDA, no TE, no apex
@@ -199,7 +199,7 @@ def test_cuda_config_enables_megatron_lm_fusions_and_cpu_config_has_none(path):
 
 def test_cross_entropy_is_fp32_exact_by_default_and_te_only_when_asked_with_te_2_18():
     from periln_megatron.config import RecipeError
-    from periln_megatron.train import cross_entropy_choice
+    from periln_megatron.model.build import cross_entropy_choice
 
     def choice(*sets, cuda=True, have_te=True, te_version="2.9.0"):
         return cross_entropy_choice(recipe("recipes/peri_ln/400m.yaml", *sets), cuda=cuda, have_te=have_te,
@@ -236,7 +236,7 @@ def test_native_fused_cross_entropy_gradient_is_the_fp32_gradient_rounded_once()
 
     import torch
 
-    from periln_megatron import runtime
+    from periln_megatron.distributed import runtime
 
     runtime.initialize(runtime.ParallelLayout(), seed=0, dist_env=runtime.SINGLE_PROCESS)
     try:
@@ -270,7 +270,7 @@ def test_memory_estimate_follows_megatron_lm_rules():
     (L=32, h=2560, 20 heads, ffn=6912, V=100352): per-parameter bytes with the distributed optimizer
     sharded over DP, the most loaded pipeline stage, SP dividing activations by TP, 1F1B in-flight
     microbatches (and the interleaved schedule's penalty), full recompute keeping only group inputs."""
-    from periln_megatron.memory import estimate, layer_activation_terms
+    from periln_megatron.model.memory import estimate, layer_activation_terms
 
     h, f, V = 2560, 6912, 100352
     split = h * 3 * h + h * h + 3 * h * f  # QKV + projection + SwiGLU MLP: split over TP
@@ -391,9 +391,9 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
     the DDP gradient buffer, Adam's state (allocated at the first step: the runs take two), the
     activations autograd keeps, the loss over the logits. Not estimated, so subtracted through the
     baseline: the interpreter and libraries, the data pipeline. The CPU runs agree within 3% over
-    placements, GQA, recompute and precisions (docs in periln_megatron/memory.py); the GPU check
+    placements, GQA, recompute and precisions (docs in periln_megatron/model/memory.py); the GPU check
     against torch.cuda.max_memory_allocated is tools/gpu_smoke.py's memory-estimate."""
-    from periln_megatron.memory import estimate
+    from periln_megatron.model.memory import estimate
 
     common = ["train.steps=2", "optim.warmup_steps=0", "checkpoint.dir=null", "train.eval_interval=0",
               "logging.tensorboard=false"]

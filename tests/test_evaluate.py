@@ -278,7 +278,7 @@ def megatron_nll(iter_dir: str, docs_file: str, spm_model: str, out: str) -> Non
     from periln_megatron import checkpoint
     from periln_megatron.hf import megatron_side
     from periln_megatron.hf.export import load_checkpoint_recipe
-    from periln_megatron.train import _forward_step
+    from periln_megatron.training.loop import _forward_step
 
     recipe = load_checkpoint_recipe(Path(iter_dir))
     recipe.model.backend = "local"

@@ -481,7 +481,7 @@ def test_preprocess_long_document_tokens_unchanged_by_bounded_memory(tmp_path):
     import sentencepiece
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     corpus = "\n".join(p.read_text() for p in sorted([*REPO.glob("*.md"), *REPO.glob("docs/*.md")]))
     (tmp_path / "corpus.txt").write_text(corpus)
@@ -662,7 +662,7 @@ def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path):
     """A prefix made with a bigger tokenizer fails before training, naming the prefix (no IndexError)."""
     import numpy as np
 
-    from periln_megatron.indexed_data import PrefixWriter
+    from periln_megatron.data.indexed import PrefixWriter
 
     writer = PrefixWriter(tmp_path / "big_vocab", vocab_size=1000)
     rng = np.random.default_rng(0)
@@ -712,7 +712,7 @@ def test_single_process_run_does_not_need_port_29500(tmp_path):
 
     from launch import wait_all
 
-    from periln_megatron.runtime import read_dist_env
+    from periln_megatron.distributed.runtime import read_dist_env
 
     assert read_dist_env({}).master_port == 0  # no port: an in-process store
     assert read_dist_env({"MASTER_PORT": "1234"}).master_port == 1234

@@ -85,7 +85,7 @@ def test_export_gives_tiktoken_ids_specials_and_text(name, files, corpus, tmp_pa
     from transformers import AutoTokenizer
 
     from periln_megatron.hf.tokenizer import export_tokenizer
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     path = files[name]
     tik = load_tokenizer("TikTokenizer", str(path))
@@ -159,7 +159,7 @@ def test_convert_to_hf_exports_the_paper_tokenizer(files, corpus, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     path = files["cl100k_base.tiktoken"]
     ckpt, hf = tmp_path / "ckpt", tmp_path / "hf"

@@ -16,8 +16,11 @@ import torch
 from mcore_single import single_process  # noqa: F401 - autouse fixture
 from te_spec_checks import assert_te_layer_slots, needs_te_gpu
 
-from periln_megatron import megatron_lm, runtime, specs
-from periln_megatron.model import build_gpt_model, transformer_config
+from periln_megatron import megatron_lm
+from periln_megatron.distributed import runtime
+from periln_megatron.model import specs
+from model_config import transformer_config
+from periln_megatron.model.build import build_gpt_model
 
 VOCAB, SEQ = 96, 24
 SIZE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96)
@@ -232,7 +235,7 @@ def test_documented_cpu_command_line(monkeypatch):
     from pathlib import Path
 
     from periln_megatron.config import load_recipe
-    from periln_megatron.train import transformer_config_kwargs
+    from periln_megatron.model.build import transformer_config_kwargs
 
     arguments, gpt_builders = _import_megatron_training(MEGATRON_LM_DIR)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *_documented_cpu_argv()])

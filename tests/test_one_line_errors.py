@@ -17,7 +17,7 @@ import pytest
 from launch import REPO, load_tool
 from periln_megatron.cli import params_main, train_main
 from periln_megatron.config import Recipe, RecipeError, load_recipe
-from periln_megatron.indexed_data import PrefixWriter
+from periln_megatron.data.indexed import PrefixWriter
 
 TINY = str(REPO / "recipes/tiny/peri_ln.yaml")
 SP = "SentencePieceTokenizer"
@@ -115,7 +115,7 @@ def test_trainer_on_an_empty_prefix_names_it(tmp_path, capfd):
     megatron-core with "cannot mmap an empty file", naming none."""
     prefix = _empty_prefix(tmp_path / "empty_text_document")
     run_dir = tmp_path / "run"
-    rc = train_main(["--recipe", TINY, "--set", "data.synthetic=false", f"data.prefixes=[{prefix}]",
+    rc = train_main(["--recipe", TINY, "--set", "data.synthetic=false", "model.vocab_size=256", f"data.prefixes=[{prefix}]",
                      f"logging.run_dir={run_dir}"])
     assert rc == 2
     one_line(capfd, [f"periln-train: error: {prefix}: an empty dataset (0 documents, 0 tokens) in data.prefixes"])
@@ -131,7 +131,7 @@ def test_a_prefix_given_as_its_file_is_taken_by_both_trainer_and_inspect_data(to
     prefix = str(tmp_path / "c_text_document")
     assert tools["inspect_data"].main([prefix + suffix, "--show", "0"]) == 0
     assert f"prefix: {prefix}\n" in capfd.readouterr().out
-    from periln_megatron.data import check_prefixes, split_blend
+    from periln_megatron.data.datasets import check_prefixes, split_blend
 
     recipe = load_recipe(TINY, ["data.synthetic=false", f"data.prefixes=[{prefix + suffix}]", "data.split=100,0,0",
                                  "model.vocab_size=512"])
@@ -173,7 +173,7 @@ def test_train_tokenizer(tools, tmp_path, capfd, case):
 def test_train_tokenizer_whitespace_flag_does_what_help_says(tools, tmp_path, capfd, flag, kept):
     """--help: the default drops repeated and leading spaces (in the model, so when encoding too);
     --no-remove-extra-whitespaces keeps every space."""
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     helps = {a.dest: a.help for a in tools["train_tokenizer"].build_parser()._actions}
     assert "keeps text as is" not in helps["normalization"]

@@ -16,7 +16,7 @@ def records(run_dir):
 
 
 def checkpoint_tensors(iter_dir) -> dict[str, torch.Tensor]:
-    from periln_megatron.hf.reader import TorchDistReader
+    from periln_megatron.checkpoint.reader import TorchDistReader
 
     reader = TorchDistReader(iter_dir)
     return {key: reader.read(key) for key in reader.tensors}
@@ -68,7 +68,7 @@ def test_huggingface_tokenizer_adds_no_bos_like_megatron_lm(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     words = ["the", "cat", "sat", "on", "mat", "a", "dog", "."]
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *words])}
@@ -170,7 +170,7 @@ def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
     assert export.returncode == 0, export.stdout[-3000:]
     from transformers import AutoTokenizer
 
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     ours, exported = load_tokenizer("TikTokenizer", str(tok)), AutoTokenizer.from_pretrained(hf)
     for text in corpus.wikitext_paragraphs("test")[:50]:

@@ -330,7 +330,7 @@ def _run(pp, *argv) -> int:
 def test_gpt2_bpe_is_gpt2s_algorithm(gpt2_files, tmp_path):
     """Ours (the tokenizers library) gives GPT-2's BPE ids; vocab size and EOD as Megatron-LM's
     (entries in vocab.json, the id of <|endoftext|>); a malformed pair of files fails in one line."""
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     vocab, merges = gpt2_files
     ours = load_tokenizer("GPT2BPETokenizer", str(vocab), merge_file=str(merges))
@@ -446,7 +446,7 @@ def test_gpt2_large_vocabulary_is_int32(pp, gpt2_files, tmp_path):
     expect = megatron_reference(str(tmp_path / "ref"), lines, ["text"], ref.encode, ref.eod, ref.vocab_size,
                                 append_eod=True)
     assert_same_bytes(f"{tmp_path}/ours_text_document", expect["text"])
-    from periln_megatron.indexed_data import read_index_header
+    from periln_megatron.data.indexed import read_index_header
 
     assert read_index_header(f"{tmp_path}/ours_text_document.idx")[0] == np.int32
 

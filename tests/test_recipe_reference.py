@@ -8,7 +8,7 @@ import pytest
 from launch import REPO
 from periln_megatron import config
 from periln_megatron.cli import train_main
-from periln_megatron.recipe_reference import REGENERATE, field_meanings, main, reference_markdown
+from periln_megatron.config.reference import REGENERATE, field_meanings, main, reference_markdown
 
 
 def schema_keys() -> list[str]:
@@ -55,11 +55,11 @@ def test_every_key_has_a_row_with_its_default_and_a_meaning():
     # the meanings are the schema's comments, one per field
     meanings = field_meanings()
     assert rows["data.synthetic"][4] == meanings["DataConfig"]["synthetic"]
-    assert meanings["ModelConfig"]["cross_entropy_fusion"].startswith("On a GPU: the fused cross-entropy")
+    assert meanings["ModelConfig"]["cross_entropy_fusion"].startswith("On a GPU in bf16/fp8: megatron-core's fused cross-entropy")
 
 
 def test_a_field_without_a_comment_is_refused(monkeypatch):
-    from periln_megatron import recipe_reference
+    from periln_megatron.config import reference as recipe_reference
 
     real = recipe_reference.field_meanings
 

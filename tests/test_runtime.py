@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from periln_megatron.runtime import LayoutError, ParallelLayout, check_layout, first_host, read_dist_env
+from periln_megatron.distributed.runtime import LayoutError, ParallelLayout, check_layout, first_host, read_dist_env
 
 
 def test_torchrun_env_wins_over_slurm():
@@ -54,10 +54,10 @@ def test_valid_layout_passes():
 SHIM_PROBE = """
 import torch
 {setup}
-from periln_megatron import runtime
-runtime.cpu_shims()
-print(runtime.cpu_shims_active(), torch.zeros(1, device="cuda:0").device if runtime.cpu_shims_active() else "-",
-      torch.randn(2).type(), torch.cuda.current_device() if runtime.cpu_shims_active() else "-")
+from periln_megatron.distributed import cpu_shims
+cpu_shims.install()
+print(cpu_shims.INSTALLED, torch.zeros(1, device="cuda:0").device if cpu_shims.INSTALLED else "-",
+      torch.randn(2).type(), torch.cuda.current_device() if cpu_shims.INSTALLED else "-")
 """
 
 
@@ -75,8 +75,8 @@ def test_cpu_shims_inactive_when_cuda_available():
 
 BACKWARD_PROBE = """
 import torch
-from periln_megatron import runtime
-runtime.cpu_shims()
+from periln_megatron.distributed import cpu_shims
+cpu_shims.install()
 
 class AllocatesOnCuda(torch.autograd.Function):  # what sequence parallelism's backward all-gather does
     @staticmethod
@@ -103,8 +103,8 @@ def test_cpu_shims_stay_active_inside_autograd_backward():
 def test_tp_or_cp_runs_get_one_cuda_connection_unless_the_user_chose(monkeypatch):
     """Megatron-LM asserts CUDA_DEVICE_MAX_CONNECTIONS=1 for TP or CP > 1 on Hopper; periln-launch
     (and the trainer itself, for bare torchrun/srun) sets it, and never overrides the user's value."""
-    from periln_megatron.launch import trainer_environment
-    from periln_megatron.runtime import launch_environment
+    from periln_megatron.distributed.launch import trainer_environment
+    from periln_megatron.distributed.runtime import launch_environment
 
     assert launch_environment(2, 1, {}) == launch_environment(1, 2, {}) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     assert launch_environment(1, 1, {}) == {}

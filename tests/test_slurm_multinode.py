@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch import run_torchrun
-from periln_megatron.runtime import first_host
+from periln_megatron.distributed.runtime import first_host
 from slurm_cluster import REPO, slurm_available
 from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unavailable, remove_stale
 from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)
@@ -115,7 +115,7 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
 
 DIST_PROBE = """
 import datetime, os, socket, torch, torch.distributed as dist
-from periln_megatron.runtime import read_dist_env
+from periln_megatron.distributed.runtime import read_dist_env
 e = read_dist_env()
 dist.init_process_group("gloo", init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
                         world_size=e.world_size, timeout=datetime.timedelta(seconds=float(os.environ["PROBE_TIMEOUT"])))

@@ -10,8 +10,10 @@ from mcore_single import single_process  # noqa: F401 - autouse fixture
 from te_spec_checks import assert_te_layer_slots, needs_gpu, needs_te_gpu
 from reference_model import RefGPT, load_megatron_state
 
-from periln_megatron import runtime, specs
-from periln_megatron.model import build_gpt_model, transformer_config
+from periln_megatron.distributed import runtime
+from periln_megatron.model import specs
+from model_config import transformer_config
+from periln_megatron.model.build import build_gpt_model
 
 VOCAB, SEQ = 96, 24
 SIZE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96)

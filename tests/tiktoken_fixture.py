@@ -2,7 +2,7 @@
 
     from tiktoken_fixture import make_tiktoken_file
     path = make_tiktoken_file(tmp / "cl100k_base.tiktoken", texts, vocab_size=2000)
-    tok = periln_megatron.tokenizer.load_tokenizer("TikTokenizer", str(path))
+    tok = periln_megatron.data.tokenizers.load_tokenizer("TikTokenizer", str(path))
 
 API (kept stable; other tests and tools rely on it):
 
@@ -16,7 +16,7 @@ API (kept stable; other tests and tools rely on it):
     fewer. Deterministic: the same texts and size give the same bytes. Takes well under a second for
     ~1 MB of text and a few thousand tokens. The parent directory is created. Returns ``Path(path)``.
 
-    The file's name decides the special tokens ``periln_megatron.tokenizer.TikTokenizer`` gives it:
+    The file's name decides the special tokens ``periln_megatron.data.tokenizers.TikTokenizer`` gives it:
     named after an OpenAI encoding (``cl100k_base.tiktoken``) it gets that encoding's pattern and
     special tokens at their original ids (``<|endoftext|>`` = 100257, vocabulary 100277, so a recipe's
     ``tokenizer.vocab_size: 100277`` stays right); any other name gets the cl100k pattern and
@@ -99,7 +99,7 @@ def make_tiktoken_file(path: str | Path, texts: Iterable[str], vocab_size: int) 
 
 def megatron_json(tiktoken_path: str | Path, json_path: str | Path) -> Path:
     """Rewrite a tiktoken file as Megatron's TikTokenizer ``.json`` vocabulary."""
-    from periln_megatron.tokenizer import _read_tiktoken_ranks
+    from periln_megatron.data.tokenizers import _read_tiktoken_ranks
 
     ranks = _read_tiktoken_ranks(Path(tiktoken_path))
     vocab = [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("utf-8", "replace")}

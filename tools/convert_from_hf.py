@@ -48,8 +48,8 @@ def main(argv=None) -> int:
             args.hf_dir, args.checkpoint_dir, args.recipe_out, args.overwrite, log),
             errors=(ValueError, KeyError, RuntimeError, OSError))
     finally:
-        if "periln_megatron.runtime" in sys.modules:  # megatron was started (not after an early refusal)
-            sys.modules["periln_megatron.runtime"].shutdown()
+        if "periln_megatron.distributed.runtime" in sys.modules:  # megatron was started (not after an early refusal)
+            sys.modules["periln_megatron.distributed.runtime"].shutdown()
 
 
 if __name__ == "__main__":

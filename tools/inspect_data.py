@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from periln_megatron.indexed_data import (DataPrefixError, read_index_header, strip_data_suffix,  # noqa: E402
+from periln_megatron.data.indexed import (DataPrefixError, read_index_header, strip_data_suffix,  # noqa: E402
                                           verify_prefix)
-from periln_megatron.tokenizer import TOKENIZER_TYPES, load_tokenizer  # noqa: E402
+from periln_megatron.data.tokenizers import TOKENIZER_TYPES, load_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

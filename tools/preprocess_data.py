@@ -63,8 +63,8 @@ import numpy as np
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from periln_megatron.indexed_data import PrefixWriter  # noqa: E402
-from periln_megatron.tokenizer import LOADABLE_TYPES, SENTENCEPIECE_TYPES, load_tokenizer  # noqa: E402
+from periln_megatron.data.indexed import PrefixWriter  # noqa: E402
+from periln_megatron.data.tokenizers import LOADABLE_TYPES, SENTENCEPIECE_TYPES, load_tokenizer  # noqa: E402
 
 HF_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer")  # take --tokenizer-hf-include-special-tokens
 # Megatron-LM splits a text into sentences this many characters at a time (then joins the lists)

@@ -12,7 +12,7 @@ import torch
 
 from periln_megatron.hf import mapping, pause_for_tests
 from periln_megatron.hf.mapping import Shape, UnsupportedModelError
-from periln_megatron.hf.reader import CheckpointReadError, TorchDistReader
+from periln_megatron.checkpoint.reader import CheckpointReadError, TorchDistReader
 from periln_megatron.hf.safetensors_io import Entry, write_sharded
 
 
@@ -61,7 +61,7 @@ def true_vocab_size(recipe) -> int:
         return recipe.tokenizer.vocab_size
     if not recipe.tokenizer.model:  # synthetic data without a tokenizer
         return recipe.data_vocab_size()
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     return load_tokenizer(recipe.tokenizer.type, recipe.tokenizer.model).vocab_size
 

@@ -10,7 +10,7 @@ import torch
 def init_single_process(seed: int = 1234) -> None:
     """megatron-core's parallel state at world size 1 (an in-process store: no port, no environment
     variables left behind for the caller's later subprocesses)."""
-    from periln_megatron import runtime
+    from periln_megatron.distributed import runtime
 
     runtime.initialize(runtime.ParallelLayout(), seed=seed, dist_env=runtime.SINGLE_PROCESS)
 
@@ -28,8 +28,8 @@ def build_model(recipe, padded_vocab: int, dtype: torch.dtype | None = None, ini
     """GPTModel for the whole network on the CPU, also on a GPU node (conversion and parity checks
     hold one whole model); parameters in `dtype` (default: the recipe's). The local backend: its
     checkpoint keys are TE's (specs.TE_INPUT_NORM_KEYS)."""
-    from periln_megatron.model import build_gpt_model
-    from periln_megatron.train import transformer_config
+    from periln_megatron.model.build import build_gpt_model
+    from periln_megatron.model.build import transformer_config
 
     r = single_process_recipe(recipe)
     r.model.backend = "local"

@@ -82,7 +82,7 @@ def remove(path: Path) -> None:
 
 
 def lock(parent: Path):
-    from periln_megatron import run_lock
+    from periln_megatron.training import run_lock
 
     return run_lock.held(Path(parent) / LOCK_NAME)
 

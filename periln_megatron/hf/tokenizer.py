@@ -261,7 +261,7 @@ def build_fast_from_tiktoken(enc):
 
 
 def export_tiktoken(path: str | Path, out_dir: Path, max_length: int) -> dict:
-    """The fast tokenizer of a TikTokenizer file, as periln_megatron.tokenizer loads it: a file named
+    """The fast tokenizer of a TikTokenizer file, as periln_megatron.data.tokenizers loads it: a file named
     after an OpenAI encoding keeps that encoding's pattern and special tokens, another name the cl100k
     pattern and <|endoftext|> after the last rank; Megatron's .json vocabulary its 1000 special
     tokens and pattern. eos (and bos, which is never added: Megatron's preprocessing adds none, and
@@ -270,7 +270,7 @@ def export_tiktoken(path: str | Path, out_dir: Path, max_length: int) -> dict:
 
     from transformers import PreTrainedTokenizerFast
 
-    from periln_megatron.tokenizer import load_tokenizer
+    from periln_megatron.data.tokenizers import load_tokenizer
 
     tik = load_tokenizer("TikTokenizer", str(path))
     enc = tik.enc

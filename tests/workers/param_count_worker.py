@@ -3,14 +3,14 @@
 import json
 import sys
 
-from periln_megatron import runtime
+from periln_megatron.distributed import runtime
 from periln_megatron.config import load_recipe
-from periln_megatron.param_count import count_parameters
+from periln_megatron.model.param_count import count_parameters
 
 
 def main():
     runtime.initialize()
-    from periln_megatron.train import build_model_chunks, transformer_config
+    from periln_megatron.model.build import build_model_chunks, transformer_config
 
     for overrides in json.loads(sys.argv[1]):
         recipe = load_recipe("recipes/tiny/peri_ln.yaml", overrides)

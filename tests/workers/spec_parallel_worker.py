@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from periln_megatron import runtime
+from periln_megatron.distributed import runtime
 
 SEQ, VOCAB, MICRO, NUM_MICRO = 32, 128, 2, 2
 
@@ -53,7 +53,10 @@ def main():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from periln_megatron.model import build_gpt_model, transformer_config
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_config
+    from model_config import transformer_config
+
+    from periln_megatron.model.build import build_gpt_model
 
     config = transformer_config(
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from periln_megatron.config import Recipe
-from periln_megatron.param_count import NORMS_PER_SUBLAYER
+from periln_megatron.model.param_count import NORMS_PER_SUBLAYER
 
 GIB = 2**30
 H100_GIB = 79.6  # an H100 80GB: 81559 MiB

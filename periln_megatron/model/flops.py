@@ -69,9 +69,9 @@ def lookup_peak(device_name: str, dtype: str) -> tuple[float | None, str]:
     for words, label, peaks in PEAK_TFLOPS:
         if all(w in name for w in words):
             if dtype not in peaks:
-                return None, f"{label} has no {dtype} peak in periln_megatron.flops.PEAK_TFLOPS"
+                return None, f"{label} has no {dtype} peak in periln_megatron.model.flops.PEAK_TFLOPS"
             return peaks[dtype] * 1e12, f"{label} {dtype} dense peak {peaks[dtype]:g} TFLOP/s"
-    return None, f"{device_name!r} is not in periln_megatron.flops.PEAK_TFLOPS"
+    return None, f"{device_name!r} is not in periln_megatron.model.flops.PEAK_TFLOPS"
 
 
 def peak_flops(recipe: Recipe, device_name: str | None, tf32: bool = False) -> tuple[float | None, str]:

@@ -82,7 +82,7 @@ def split_weights(split: str) -> list[float] | None:
 
 def check_data(recipe, fail) -> list[str]:
     """data.split and data.prefixes' form; returns the prefixes' paths."""
-    from periln_megatron.indexed_data import strip_data_suffix
+    from periln_megatron.data.indexed import strip_data_suffix
 
     d = recipe.data
     weights = split_weights(d.split)

@@ -168,7 +168,7 @@ class Diagnostics:
         """Hook every layer's output, its sublayers' outputs and the embedding output (the input of layer
         1) for this step's forward passes (all micro-batches)."""
         self._remove_hooks()
-        from periln_megatron import runtime
+        from periln_megatron.distributed import runtime
 
         self.device = runtime.device()
         n, h = self.num_layers + 1, self.hidden
@@ -341,7 +341,7 @@ def summarise_layers(t: dict, grads: list | None) -> dict:
 
 
 def _device():
-    from periln_megatron import runtime
+    from periln_megatron.distributed import runtime
 
     return runtime.device()
 

@@ -2,7 +2,7 @@
 
 A recipe may start with `base: other.yaml` (relative to itself); its keys are merged over the
 base's. Every error names the file and the dotted key. Each field's comment is its meaning in the
-reference generated from this schema (periln_megatron/recipe_reference.py, docs/recipes.md).
+reference generated from this schema (periln_megatron/config/reference.py, docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from periln_megatron.recipe_checks import check_data, check_numbers
+from periln_megatron.config.checks import check_data, check_numbers
 
 
 class RecipeError(ValueError):
@@ -159,7 +159,7 @@ class LoggingConfig:
     run_dir: str | None = None  # metrics.jsonl, recipe.yaml and TensorBoard; null: checkpoint.dir, else runs/<name>
     tensorboard: bool = True  # also write TensorBoard events (when tensorboard is installed)
     # Dense peak TFLOP/s of one GPU at the recipe's precision, for MFU; None: from the table of known
-    # GPUs (periln_megatron/flops.py). Throughput (tokens/s/GPU, TFLOP/s/GPU) is logged either way.
+    # GPUs (periln_megatron/model/flops.py). Throughput (tokens/s/GPU, TFLOP/s/GPU) is logged either way.
     peak_tflops: float | None = None
     # Weights & Biases (Megatron-LM's --wandb-project / --wandb-entity / --wandb-exp-name /
     # --wandb-save-dir), from rank 0 only. On when wandb_project is set (needs `pip install wandb`).
@@ -411,7 +411,7 @@ def _get(recipe: Recipe, dotted: str):
 
 def validate(recipe: Recipe, world_size: int | None = None, check_environment: bool = True) -> None:
     """Everything that can be checked before a process group or a model exists."""
-    from periln_megatron.runtime import LayoutError, ParallelLayout, check_layout
+    from periln_megatron.distributed.runtime import LayoutError, ParallelLayout, check_layout
 
     def fail(key, msg):
         raise RecipeError(f"{recipe.source}: `{key}` {msg}")
@@ -484,7 +484,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
 
     prec = recipe.precision
     if prec.preset == "fp8":
-        from periln_megatron.specs import check_fp8_options
+        from periln_megatron.model.specs import check_fp8_options
 
         n = prec.fp8_bf16_first_last_layers
         try:
@@ -527,7 +527,7 @@ def _check_environment(recipe: Recipe, fail) -> None:
     """What depends on this machine: Transformer Engine, a GPU, files."""
     import torch
 
-    from periln_megatron.specs import HAVE_TE
+    from periln_megatron.model.specs import HAVE_TE
 
     if recipe.model.backend == "te" and not HAVE_TE:
         key = "precision.preset" if recipe.precision.preset == "fp8" else "model.backend"

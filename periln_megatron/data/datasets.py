@@ -34,7 +34,7 @@ class TokenizerInfo:
 def split_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
     """[p1, p2] -> ([p1, p2], None); [0.3, p1, 0.7, p2] -> ([p1, p2], [0.3, 0.7]). A path given as
     PREFIX.bin or PREFIX.idx is PREFIX (as config.validate checks it)."""
-    from periln_megatron.indexed_data import strip_data_suffix
+    from periln_megatron.data.indexed import strip_data_suffix
 
     if len(prefixes) % 2 == 0 and all(isinstance(x, (int, float)) for x in prefixes[0::2]):
         return [strip_data_suffix(str(p)) for p in prefixes[1::2]], [float(w) for w in prefixes[0::2]]
@@ -155,7 +155,7 @@ def check_prefixes(recipe: Recipe) -> None:
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
-    from periln_megatron.indexed_data import DataPrefixError, verified_sequence_lengths
+    from periln_megatron.data.indexed import DataPrefixError, verified_sequence_lengths
 
     if recipe.data.synthetic:
         return
@@ -185,7 +185,7 @@ def check_token_ids(prefix: str, vocab_size: int) -> None:
     """No token id of the prefix's first SCANNED_TOKENS reaches the vocabulary (an embedding
     lookup past its end is an IndexError on CPU and a device-side assert on GPU). MicroBatches
     checks every batch as well."""
-    from periln_megatron.indexed_data import DataPrefixError, read_index_header
+    from periln_megatron.data.indexed import DataPrefixError, read_index_header
 
     dtype, _, _ = read_index_header(prefix + ".idx")
     if np.iinfo(dtype).max < vocab_size:
@@ -208,7 +208,7 @@ def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
 
     tok, m = recipe.tokenizer, recipe.model
     if tok.model:
-        from periln_megatron.tokenizer import load_tokenizer
+        from periln_megatron.data.tokenizers import load_tokenizer
 
         loaded = load_tokenizer(tok.type, tok.model)
         if tok.vocab_size is not None and tok.vocab_size != loaded.vocab_size:

@@ -1,10 +1,10 @@
 """The recipe reference (docs/recipes.md, `periln-train --help-recipe`), generated from the schema.
 
 Every key, its type, default and allowed values come from the dataclasses and CHOICES in
-periln_megatron/config.py; its meaning is the comment on (or the comment block just above) the
+periln_megatron/config/; its meaning is the comment on (or the comment block just above) the
 field there, so the schema stays the one place to edit. Regenerate the file with
 
-    python -m periln_megatron.recipe_reference --write docs/recipes.md
+    python -m periln_megatron.config.reference --write docs/recipes.md
 
 (`--check docs/recipes.md` exits 1 when the file is stale; tests/test_recipe_reference.py runs it).
 """
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import yaml
 
-from periln_megatron import config
+from periln_megatron.config import recipe as config
 
-REGENERATE = "python -m periln_megatron.recipe_reference --write docs/recipes.md"
+REGENERATE = "python -m periln_megatron.config.reference --write docs/recipes.md"
 
 INTRO = f"""# Recipe keys
 
-<!-- Generated from periln_megatron/config.py: edit the schema (a field's comment is its meaning),
+<!-- Generated from periln_megatron/config/: edit the schema (a field's comment is its meaning),
 then run `{REGENERATE}`. -->
 
-Generated from the schema in `periln_megatron/config.py` by `{REGENERATE}`;
+Generated from the schema in `periln_megatron/config/` by `{REGENERATE}`;
 `periln-train --help-recipe` prints the same text. A recipe is a YAML mapping of the sections below;
 a key left out takes its default, an unknown key or a value of the wrong type is refused naming the file
 and the dotted key, and `null` is YAML's None.
@@ -47,7 +47,7 @@ and the dotted key, and `null` is YAML's None.
 2. **Overrides** on the command line come last, over the merged file: `periln-train --recipe R.yaml
    --set model.num_layers=8 parallel.tp=2` (also `periln-params R.yaml --set ...`). Each is a dotted
    `section.key=value` pair whose value is parsed as YAML (`8`, `3e-4`, `true`, `null`, `[a, b]`);
-   several follow one `--set`, or repeat `--set`; a later one wins over an earlier one of the same key.
+   several follow one `--set`, or repeat `--set`; each key at most once (a key given twice is refused, as in a recipe file).
 3. The result is validated as a whole before anything is built or written (choices, ranges, the
    parallel layout against the world size, files named by `tokenizer.model` and `data.prefixes`); the
    resolved recipe is printed at start and saved as `recipe.yaml` in the run directory.
@@ -134,7 +134,7 @@ def _rows(cls, prefix: str, meanings: dict) -> list[tuple[str, str, str, str, st
             allowed = ">= 1"
         meaning = meanings.get(cls.__name__, {}).get(f.name)
         if not meaning:
-            raise ValueError(f"periln_megatron/config.py: `{dotted}` has no comment: give the field a "
+            raise ValueError(f"periln_megatron/config/: `{dotted}` has no comment: give the field a "
                              "one-line meaning as a comment, then regenerate")
         rows.append((f"`{dotted}`", _cell(_type_name(hints[f.name])), f"`{_cell(_yaml(default))}`",
                      allowed, _cell(meaning)))
@@ -162,7 +162,7 @@ def reference_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m periln_megatron.recipe_reference",
+    parser = argparse.ArgumentParser(prog="python -m periln_megatron.config.reference",
                                      description="Print (or write, or check) the recipe reference.")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="PATH", help="write the reference to PATH (docs/recipes.md)")

@@ -1,0 +1,1 @@
+"""Data: megatron-core datasets from indexed prefixes, the indexed format, tokenizers."""

@@ -1,0 +1,16 @@
+"""The trainer's exit statuses, one place for the trainer, periln-launch, the Slurm templates
+(slurm/common.sh mirrors them), the demo and the tools.
+
+    0   EXIT_FINISHED     training finished
+    2   EXIT_REFUSED      invalid recipe or command line, a checkpoint that cannot be resumed, or the
+                          run directory in use by another run: nothing was trained
+    3   EXIT_NONFINITE    loss or grad norm became NaN/Inf (no checkpoint of that state is written)
+    75  EXIT_REQUEUE      stopped by a signal or --exit-after-minutes after saving a checkpoint (EX_TEMPFAIL)
+    130 EXIT_INTERRUPTED  a second Ctrl-C: stopped at once without saving (128 + SIGINT)
+"""
+
+EXIT_FINISHED = 0
+EXIT_REFUSED = 2
+EXIT_NONFINITE = 3
+EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130

@@ -1,0 +1,1 @@
+"""The model: layer specs by placement, the GPTModel and TransformerConfig built from a recipe, counts, FLOPs and memory."""

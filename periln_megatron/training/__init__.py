@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer and schedule, stopping, diagnostics, metrics and the run lock."""
