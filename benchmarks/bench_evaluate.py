@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Local-document perplexity throughput: the old tools/evaluate.py --text-file path (lm-eval's
-loglikelihood_rolling) against the new one (periln_megatron.evaluation's batched windows), side by
+loglikelihood_rolling) against the new one (periln_megatron.hf.evaluation's batched windows), side by
 side on the same documents and model.
 
   PYTHONPATH=. python benchmarks/bench_evaluate.py [--tokens 107000] [--model-dir HF_DIR] [--json out.json]
@@ -94,7 +94,7 @@ def worker(path: str, model_dir: Path, docs_file: Path, out: Path) -> None:
     """One path in this (fresh) process; writes its per-document results and seconds to `out`."""
     import torch
 
-    from periln_megatron import evaluation
+    from periln_megatron.hf import evaluation
 
     docs = evaluation.read_documents(docs_file)
     prefix = json.loads((model_dir / "config.json").read_text())["eos_token_id"]

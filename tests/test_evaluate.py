@@ -1,5 +1,5 @@
 """tools/evaluate.py on a real export of a tiny model trained here on real text, offline. Its
---text-file path (periln_megatron.evaluation, batched windows) gives each held-out document the
+--text-file path (periln_megatron.hf.evaluation, batched windows) gives each held-out document the
 log-likelihood megatron-core's trainer computes on the same token windows, and the same as real
 lm-evaluation-harness (HFLM on CPU, --text-engine lm-eval) does; a benchmark whose dataset is not
 cached fails in one line; argument errors and bad input are one line.

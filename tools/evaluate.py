@@ -18,7 +18,7 @@ per line; --text-key for another key) or plain text (documents separated by blan
 document is scored whole in lm-eval's loglikelihood_rolling windows of the model's context, every
 token predicted once, the first token conditioned on one prefix token (--prefix-token; default
 the end-of-document token, which precedes every document in training), by batched forward passes
-(periln_megatron.evaluation; --text-engine lm-eval runs the harness's own task periln_local_ppl
+(periln_megatron.hf.evaluation; --text-engine lm-eval runs the harness's own task periln_local_ppl
 instead, 3-5x slower, the same numbers: benchmarks/RESULTS_evaluate.md). Reported: tokens, the
 token-level NLL (nats per token, the trainer's loss) and its perplexity, and lm-eval's word/byte
 perplexity and bits per byte. With only --text-file nothing is fetched from the network
@@ -40,8 +40,8 @@ import os
 import sys
 from pathlib import Path
 
-from periln_megatron import evaluation
-from periln_megatron.evaluation import LOCAL_TASK, EvalError
+from periln_megatron.hf import evaluation
+from periln_megatron.hf.evaluation import LOCAL_TASK, EvalError
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 # lm-eval's own task folders that periln_paper uses: indexing only these takes seconds, the full
