@@ -269,7 +269,9 @@ def convert_to_hf(checkpoint_dir: Path, output_dir: Path, *, iteration: int | No
         f"{s.groups} groups, vocab {s.vocab} (padded {padded_vocab}) -> {arch} in {dtype_name}")
     exported_iteration = _iteration_of(iter_dir)
     summary = model_card.summarize_metrics(metrics_path, exported_iteration) if metrics_path else None
-    if summary:
+    if summary and summary.error:
+        log(f"model card metrics: unavailable ({summary.error})")
+    elif summary:
         up_to = "?" if exported_iteration is None else exported_iteration
         log(f"model card metrics: {metrics_path} ({summary.records} logged steps up to iteration {up_to})")
     else:

@@ -10,7 +10,6 @@ says; without one the card says the metrics are unavailable and where it looked.
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import subprocess
@@ -66,33 +65,6 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def read_records(path: Path) -> tuple[dict[int, dict], int]:
-    """step -> record, and the number of unreadable lines skipped (a run killed mid-write leaves a
-    cut-off line; the card must not fail the export for it). A training record (one with `loss`)
-    for step s drops every earlier record of step s or later: a resumed run logs the steps after its
-    checkpoint again, and what the killed run logged past that checkpoint is not this model's
-    history. Other records of a step (final_valid_loss) are merged into it."""
-    records: dict[int, dict] = {}
-    bad = 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            bad += 1
-            continue
-        step = record["step"]
-        if "loss" in record:
-            for stale in [k for k in records if k >= step]:
-                del records[stale]
-        records.setdefault(step, {}).update(record)
-    return dict(sorted(records.items())), bad
-
-
 @dataclass
 class MetricsSummary:
     """What the card reports from metrics.jsonl, for records at or before the exported iteration."""
@@ -100,7 +72,8 @@ class MetricsSummary:
     source: str
     iteration: int | None  # None: unknown (records of every step count)
     records: int = 0  # steps with a record, up to the iteration
-    skipped_lines: int = 0
+    skipped_lines: int = 0  # cut off by a killed run
+    error: str | None = None  # metrics.jsonl refused (damage a kill cannot explain): no numbers
     last_step: int | None = None
     loss: list | None = None  # [step, value]
     valid_loss: list | None = None
@@ -120,10 +93,20 @@ def _last(records: dict[int, dict], key: str) -> list | None:
 
 
 def summarize_metrics(path: Path, iteration: int | None) -> MetricsSummary:
-    everything, bad = read_records(path)
+    """The card's numbers from metrics.jsonl read by the one reader (periln_megatron/training/metrics.py:
+    a resumed run's records replace the killed run's, cut-off lines are skipped and counted). A file it
+    refuses gives no numbers but `error`: the export goes on, the card says why."""
+    from periln_megatron.training.metrics import MetricsError, read_metrics
+
+    cut: list[str] = []
+    source = str(Path(path).resolve())
+    try:
+        everything = read_metrics(path, warn=cut.append)
+    except MetricsError as e:
+        return MetricsSummary(source=source, iteration=iteration, error=str(e))
     records = {s: r for s, r in everything.items() if iteration is None or s <= iteration}
-    summary = MetricsSummary(source=str(Path(path).resolve()), iteration=iteration, records=len(records),
-                             skipped_lines=bad, last_step=max(records) if records else None)
+    summary = MetricsSummary(source=source, iteration=iteration, records=len(records),
+                             skipped_lines=len(cut), last_step=max(records) if records else None)
     summary.loss = _last(records, "loss")
     summary.valid_loss = _last(records, "valid_loss")
     summary.final_valid_loss = _last(records, "final_valid_loss")
@@ -290,6 +273,8 @@ def render_card(*, recipe, recipe_yaml: str, arch: str, hf_config: dict, shape, 
     if metrics is None:
         lines += ["Metrics unavailable: no metrics.jsonl was found (looked for "
                   + ", ".join(f"`{p}`" for p in metrics_tried) + ").", ""]
+    elif metrics.error:
+        lines += [f"Metrics unavailable: {metrics.error}.", ""]
     elif metrics.records == 0:
         lines += [f"Metrics unavailable: `{metrics.source}` has no record{up_to}.", ""]
     else:

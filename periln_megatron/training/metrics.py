@@ -17,6 +17,21 @@ the same tags TensorBoard shows. At the end W&B also gets, per diagnostic, one c
 (`depth/<name>`: x = layer, one line per measured step, up to DEPTH_PROFILE_STEPS of them evenly
 spread, the last included): the paper's "variance over layers" picture; wandb.plot.line_series
 holds a snapshot table, so it is drawn once rather than re-logged every measured step.
+
+Reading metrics.jsonl back (read_metrics, the one reader: the model card, tools/plot_diagnostics.py
+via periln_megatron/training/plots.py, tools/gpu_smoke.py's checks):
+
+- a killed and resumed run appends to the same file, starting again at its checkpoint's step + 1.
+  A record at a lower step than the last one read, or a training record (one with `loss`) at the
+  step of the last training record read, starts the resumed run: from its step on, the earlier
+  run's records are dropped (a step trained again is the later run's alone);
+- records of one run at one step merge (the last step's training record, then its
+  `final_valid_loss` record);
+- a line cut off by a kill (printable text that begins like a record, `{"step": `, or is a piece of
+  that beginning) is skipped with a warning naming file:line; when the resumed run's record was
+  glued onto it (`{"step": 4, "lo{"step": 5, ...}`, written by older versions) that record is kept;
+- any other damage is a MetricsError naming file:line: a reader that skipped it could hide or
+  misplace steps.
 """
 
 from __future__ import annotations
@@ -69,14 +84,8 @@ class MetricsError(ValueError):
 
 
 def read_metrics(path: Path, warn=None) -> dict[int, dict]:
-    """step -> record of a run's metrics.jsonl (a file or a run directory): the one reader.
-
-    The rule for a killed and resumed run: the resumed run starts again at its checkpoint's step,
-    lower than the last one logged, and from there its records replace the earlier run's (a step
-    trained again is the later run's alone); records of one run at one step merge (the last step's
-    losses, then its final validation loss). A line cut off by the kill is skipped (`warn` gets one
-    line naming file:line), also when the resumed run's record was appended to it (that record is
-    kept). Any other damage is a MetricsError naming file:line."""
+    """step -> record of a run's metrics.jsonl (a file or a run directory), by the rule in this
+    module's docstring. `warn` gets one line per skipped cut-off line."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -92,7 +101,7 @@ def read_metrics(path: Path, warn=None) -> dict[int, dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             record = _appended_after_cut(line)
-            if record is None and line.startswith(RECORD_START) and line.isprintable():
+            if record is None and _cut_record(line):
                 if warn:
                     warn(f"{path}:{lineno}: a record cut off by a killed run, skipped")
                 continue
@@ -101,14 +110,20 @@ def read_metrics(path: Path, warn=None) -> dict[int, dict]:
             if warn:
                 warn(f"{path}:{lineno}: a cut-off record followed by step {record['step']}'s (appended when the run "
                      "resumed): kept that record")
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
             raise MetricsError(f"{path}:{lineno}: expected an object with an integer `step`")
         step = record["step"]
-        if last_step is not None and step < last_step:  # a resumed run: it owns every step from here on
-            out = {s: r for s, r in out.items() if s < step}
+        if last_step is not None and (step < last_step or (step == last_step and "loss" in record
+                                                             and "loss" in out.get(step, {}))):
+            out = {s: r for s, r in out.items() if s < step}  # a resumed run: it owns every step from here on
         last_step = step
         out.setdefault(step, {}).update(record)
     return dict(sorted(out.items()))
+
+
+def _cut_record(line: str) -> bool:
+    """A line a kill cut short: what json.dumps(record) writes (printable), up to some point."""
+    return line.isprintable() and (line.startswith(RECORD_START) or RECORD_START.startswith(line))
 
 
 def _appended_after_cut(line: str) -> dict | None:
