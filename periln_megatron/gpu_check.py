@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from periln_megatron.config.choices import BACKENDS
 from periln_megatron.training.metrics import MetricsError, read_metrics, series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ class GpuCheck:
         from periln_megatron.model.specs import HAVE_TE
         from periln_megatron.model.build import fusion_kernels
 
-        for backend in ("te", "local"):
+        for backend in reversed(BACKENDS):  # te first
             name = f"memory-estimate-{backend}"
             sets = [f"model.backend={backend}", *MEMORY_SHAPE]
             run = self.train(name, RECIPES["peri"], sets)

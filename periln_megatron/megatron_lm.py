@@ -33,10 +33,11 @@ from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from periln_megatron.config import choices
 from periln_megatron.model.specs import get_layer_spec
 
-PLACEMENTS = ("peri", "pre", "output")
-BACKENDS = ("te", "local")
+PLACEMENTS = tuple(p for p in choices.PLACEMENTS if p != "post")  # not post: see above
+BACKENDS = choices.BACKENDS[::-1]  # te first: Megatron-LM's default --transformer-impl
 
 peri_te: ModuleSpec = get_layer_spec(None, "peri", "te")
 peri_local: ModuleSpec = get_layer_spec(None, "peri", "local")

@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from periln_megatron.config.choices import CHECKPOINT_FORMATS, DEFAULT_CHECKPOINT_FORMAT
 from periln_megatron.checkpoint.layout import CheckpointError, _publish, iteration_dir, latest_iteration, prune
 from periln_megatron.checkpoint.optimizer_state import (_allocate_adam_state, _parallel_optimizer_state,
                                                         _torch_adam_load_fixes)
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-FORMATS = ("fully_parallel", "gathered")
-DEFAULT_FORMAT = "fully_parallel"
 
 
 def _model_keys(chunks) -> list[str]:
@@ -85,8 +84,8 @@ def _restore_rng(state: dict) -> None:
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"checkpoint format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint format {fmt!r}: expected one of {', '.join(CHECKPOINT_FORMATS)}")
 
 
 def _save_strategy(fmt: str):
@@ -115,11 +114,11 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, keep: int,
-         async_queue=None, fmt: str = DEFAULT_FORMAT) -> Path:
+         async_queue=None, fmt: str = DEFAULT_CHECKPOINT_FORMAT) -> Path:
     """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones.
 
     With `async_queue` (megatron's AsyncCallsQueue, GPU) the tensors are written in the background and
-    the marker moves when the queue finalizes the request. `fmt`: see FORMATS and the module docstring.
+    the marker moves when the queue finalizes the request. `fmt`: see CHECKPOINT_FORMATS and the module docstring.
     """
     _check_format(fmt)
     from megatron.core import dist_checkpointing
@@ -187,7 +186,7 @@ def _check_absent_keys(directory: Path, absent: set) -> None:
                               f"{' ...' if len(real) > 8 else ''} ({len(real)} keys): a different model or placement?")
 
 
-def load(directory: Path, chunks, optimizer, scheduler, fmt: str = DEFAULT_FORMAT) -> int:
+def load(directory: Path, chunks, optimizer, scheduler, fmt: str = DEFAULT_CHECKPOINT_FORMAT) -> int:
     """Load a checkpoint directory into the model (and optimizer/scheduler if given); return its iteration.
 
     Either format's checkpoint loads either way under any layout; `fmt` decides how the optimizer

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from periln_megatron.config import choices
 from periln_megatron.config.checks import check_data, check_numbers
 
 
@@ -150,7 +151,7 @@ class CheckpointConfig:
     # fully_parallel: every rank writes its own optimizer shard and a share of the model tensors, no
     # gather. gathered: megatron-core's fully_reshardable path (each DP rank gathers the full fp32
     # params and Adam moments; DP rank 0 writes everything): far more memory, kept for comparison.
-    format: str = "fully_parallel"
+    format: str = choices.DEFAULT_CHECKPOINT_FORMAT
 
 
 @dataclass
@@ -383,20 +384,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, wor
 # ------------------------------------------------------------------------------ validation
 
 CHOICES = {
-    "model.placement": ("peri", "pre", "post", "output"),
-    "model.backend": ("local", "te"),
-    "model.normalization": ("RMSNorm", "LayerNorm"),
-    "model.recompute": ("none", "selective", "full"),
-    "model.cross_entropy_fusion_impl": ("native", "te"),
-    "precision.preset": ("fp32", "bf16", "fp16", "fp8"),
-    "precision.fp8_format": ("hybrid", "e4m3"),
-    "precision.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
-    "optim.decay_style": ("cosine", "linear", "constant", "WSD"),
-    "checkpoint.on_corrupt": ("fail", "previous"),
-    "checkpoint.on_schedule_change": ("refuse", "checkpoint", "recipe"),
-    "checkpoint.format": ("fully_parallel", "gathered"),
-    "logging.wandb_mode": (None, "online", "offline", "disabled"),
-    "tokenizer.type": (None, "SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer"),
+    "model.placement": choices.PLACEMENTS,
+    "model.backend": choices.BACKENDS,
+    "model.normalization": choices.NORMALIZATIONS,
+    "model.recompute": choices.RECOMPUTE,
+    "model.cross_entropy_fusion_impl": choices.CROSS_ENTROPY_FUSION_IMPLS,
+    "precision.preset": choices.PRECISION_PRESETS,
+    "precision.fp8_format": choices.FP8_FORMATS,
+    "precision.fp8_recipe": choices.FP8_RECIPES,
+    "optim.decay_style": choices.DECAY_STYLES,
+    "checkpoint.on_corrupt": choices.ON_CORRUPT,
+    "checkpoint.on_schedule_change": choices.ON_SCHEDULE_CHANGE,
+    "checkpoint.format": choices.CHECKPOINT_FORMATS,
+    "logging.wandb_mode": (None, *choices.WANDB_MODES),
+    "tokenizer.type": (None, *choices.RECIPE_TOKENIZER_TYPES),
 }
 
 POSITIVE = ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",

@@ -17,14 +17,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from periln_megatron.config.choices import PLACEMENT_NAMES
+
 METRICS_FILE = "metrics.jsonl"
 
-PLACEMENT_TEXT = {
-    "peri": ("Peri-LN", "`h = x + Norm(F(Norm(x)))` around attention and around the MLP (input and output norm), "
-                        "final norm before the LM head"),
-    "pre": ("Pre-LN", "`h = x + F(Norm(x))` (input norm only), final norm before the LM head"),
-    "post": ("Post-LN", "`h = Norm(x + F(x))`, no final norm"),
-    "output": ("Output-LN", "`h = x + Norm(F(x))` (output norm only), final norm before the LM head"),
+PLACEMENT_FORMULA = {
+    "peri": "`h = x + Norm(F(Norm(x)))` around attention and around the MLP (input and output norm), "
+            "final norm before the LM head",
+    "pre": "`h = x + F(Norm(x))` (input norm only), final norm before the LM head",
+    "post": "`h = Norm(x + F(x))`, no final norm",
+    "output": "`h = x + Norm(F(x))` (output norm only), final norm before the LM head",
 }
 HF_CLASS = {"hyperclovax": "HyperCLOVAXForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -197,7 +199,7 @@ def render_card(*, recipe, recipe_yaml: str, arch: str, hf_config: dict, shape, 
     import yaml
 
     m, t, o = recipe.model, recipe.train, recipe.optim
-    name, formula = PLACEMENT_TEXT[shape.placement]
+    name, formula = PLACEMENT_NAMES[shape.placement], PLACEMENT_FORMULA[shape.placement]
     recorded = yaml.safe_load(recipe_yaml) or {}
     data = recorded.get("data") or {}
     hf_class = HF_CLASS.get(arch, arch)

@@ -11,7 +11,8 @@ import re
 import struct
 from pathlib import Path
 
-SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+from periln_megatron.config.choices import SENTENCEPIECE_TYPES
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 PROBES = ("Hello world", "  leading and  double  spaces ", "tabs\tand\nnewlines\n\nx", "ÉtÉ café naïve",
           "中文 测试 😀", "<unk> <s> </s> literally", "1234567 3.14159", "a\u00a0b\u3000c", "", " ", "\u2581x \u2581\u2581")

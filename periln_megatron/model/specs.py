@@ -41,6 +41,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from periln_megatron.config.choices import BACKENDS, FP8_FORMATS, FP8_RECIPES, NORMALIZATIONS, PLACEMENTS  # noqa: F401
+
 try:
     import transformer_engine  # noqa: F401
 
@@ -58,11 +60,6 @@ except ImportError:
     FusedLayerNorm = None
     HAVE_APEX = False
 
-PLACEMENTS = ("peri", "pre", "post", "output")
-BACKENDS = ("local", "te")
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 # Oldest Transformer Engine for each recipe, as megatron-core 0.16.1's fp8_utils.get_fp8_recipe needs.
 _FP8_RECIPE_MIN_TE = {"delayed": "1.0", "mxfp8": "2.1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0"}
 

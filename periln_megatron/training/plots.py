@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import yaml  # noqa: E402
 
+from periln_megatron.config.choices import PLACEMENT_NAMES  # noqa: E402
 from periln_megatron.training.metrics import MetricsError, read_metrics  # noqa: E402
 
 PALETTES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
@@ -51,7 +52,7 @@ class Run:
     def _label(recipe: dict, directory: Path) -> str:
         name = recipe.get("name") or directory.name
         placement = (recipe.get("model") or {}).get("placement")
-        pretty = {"peri": "Peri-LN", "pre": "Pre-LN", "post": "Post-LN", "output": "Output-LN"}.get(placement, placement)
+        pretty = PLACEMENT_NAMES.get(placement, placement)
         return f"{name} ({pretty})" if pretty else str(name)
 
     def layers(self, values: list) -> list[int]:

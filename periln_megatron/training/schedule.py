@@ -24,7 +24,6 @@ from __future__ import annotations
 # compared separately. The scheduler counts samples, so the global batch size is part of it.
 SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style", "optim.weight_decay",
                  "optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "train.global_batch_size")
-POLICIES = ("refuse", "checkpoint", "recipe")
 
 
 def decay_steps(recipe) -> int:
