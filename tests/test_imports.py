@@ -171,3 +171,6 @@ def test_the_recipe_checks_the_choice_lists_of_choices_py():
     assert specs.FP8_RECIPES is choices.FP8_RECIPES is CHOICES["precision.fp8_recipe"]
     assert set(choices.RECIPE_TOKENIZER_TYPES) <= set(choices.TOKENIZER_TYPES)
     assert set(choices.PLACEMENT_NAMES) == set(choices.PLACEMENTS)
+    from periln_megatron.hf import mapping
+
+    assert tuple(mapping.DTYPES) == choices.HF_DTYPES

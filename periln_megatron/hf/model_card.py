@@ -168,7 +168,10 @@ def git_revision() -> str | None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
+    """As it was typed: `python tools/convert_to_hf.py ...`, or `periln-convert-to-hf ...` (a console script)."""
     argv = list(sys.argv if argv is None else argv)
+    if argv and not argv[0].endswith(".py"):
+        return shlex.join([Path(argv[0]).name, *argv[1:]])
     return shlex.join(["python", *argv])
 
 
