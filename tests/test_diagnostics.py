@@ -203,12 +203,9 @@ def test_plot_diagnostics_writes_valid_pngs(tiny_runs, tmp_path):
 
 
 def load_plot_tool():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        import plot_diagnostics
-    finally:
-        sys.path.pop(0)
-    return plot_diagnostics
+    from periln_megatron.training import plots
+
+    return plots
 
 
 def test_plots_start_at_layer_0_the_embedding_output(tiny_runs, tmp_path):
