@@ -1,5 +1,6 @@
 """`make demo`: the findings classifier on synthetic metric files (each direction), the warnings, the
-degeneracy check, the held-back prompt, and a reduced demo end to end (the `quick` preset)."""
+degeneracy check, the held-back prompt, the shipped base recipe, and a reduced demo end to end (the
+`quick` preset), from the checkout and from an installed wheel in another directory."""
 
 import json
 import sys
@@ -10,10 +11,19 @@ import yaml
 
 from launch import run
 
-from periln_megatron import demo
+from periln_megatron.demo.__main__ import PRESETS, parse_args, plan
+from periln_megatron.demo.corpus import CorpusStats, build_corpus, sample_prompt, split_bounds
+from periln_megatron.demo.findings import classify as classify_runs
+from periln_megatron.demo.findings import peak as find_peak
+from periln_megatron.demo.report import activation_lines
+from periln_megatron.demo.report import warnings as report_warnings
+from periln_megatron.demo.runner import BASE_RECIPE, recipe_overrides
+from periln_megatron.demo.sample import degeneracy
+from periln_megatron.demo.summary import summarise_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LAYERS = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- synthetic runs
@@ -71,8 +81,8 @@ def status(findings, word: str) -> str:
 
 
 def classify(root: Path, lr=0.01):
-    runs = [demo.summarise_run(d) for d in sorted(root.iterdir())]
-    return demo.classify(runs, lr)
+    runs = [summarise_run(d) for d in sorted(root.iterdir())]
+    return classify_runs(runs, lr)
 
 
 def test_classifier_reproduced_when_the_numbers_favour_peri_ln(tmp_path):
@@ -96,11 +106,11 @@ def test_classifier_reproduced_when_the_numbers_favour_peri_ln(tmp_path):
     assert "Peri-LN 5.0000, 5.3000; Pre-LN 5.1000, diverged" in findings[5].evidence
     assert "Range: Peri-LN 0.3000, Pre-LN unbounded (a run diverged)." in findings[5].evidence
     # where the massive activation sits: its layer, the sublayer that writes it, the dimensions
-    pre = demo.summarise_run(tmp_path / "pre")
-    peak = demo.peak(pre)
+    pre = summarise_run(tmp_path / "pre")
+    peak = find_peak(pre)
     assert (peak["layer"], peak["half_layer"], peak["dim"]) == (4, 1, 7)
     assert peak["write"] == {"value": 800.0, "layer": 1, "sublayer": "MLP"}
-    (line,) = demo.activation_lines(pre)
+    (line,) = activation_lines(pre)
     assert "reaches half of that at layer 1" in line and "7 (50.0%)" in line
     assert "The largest single write is layer 1's MLP output, max|act| 800 before the residual add." in line
     assert "a token's sum of squares exceeds 65504" in line and "from layer 1 on" in line
@@ -152,70 +162,87 @@ def test_warnings_for_too_many_epochs_and_overfitting(tmp_path):
     make_run(tmp_path, "pre", "pre", variance=FLAT, max_abs=SMALL_MAX, valid=5.1, valid_curve=curve)
     make_run(tmp_path, "peri", "peri", variance=FLAT, max_abs=SMALL_MAX, valid=4.7,
              valid_curve=[(20, 5.0), (40, 4.8), (60, 4.75), (80, 4.7)])
-    runs = [demo.summarise_run(tmp_path / k) for k in ("peri", "pre")]
-    stats = demo.CorpusStats(100, 60_000, 95, 50_000, 3000, 6.5)
-    found = demo.warnings(runs, stats, tokens_per_step=2048)
+    runs = [summarise_run(tmp_path / k) for k in ("peri", "pre")]
+    stats = CorpusStats(100, 60_000, 95, 50_000, 3000, 6.5)
+    found = report_warnings(runs, stats, tokens_per_step=2048)
     assert len(found) == 2
     assert "100 steps x 2048 tokens = 204,800 tokens is 4.1 epochs" in found[0]
     assert "Pre-LN (lr 0.01, seed 1234): validation loss rose from 4.8000 (step 40) to 5.1000 (step 80)" in found[1]
-    assert demo.warnings(runs[:1], demo.CorpusStats(100, 10**6, 95, 900_000, 3000, 6.5), 2048) == []
+    assert report_warnings(runs[:1], CorpusStats(100, 10**6, 95, 900_000, 3000, 6.5), 2048) == []
     # the loss finding says which model was lower along the way, not only at the end
-    loss = demo.classify(runs, 0.01)[2]
+    loss = classify_runs(runs, 0.01)[2]
     assert loss.evidence.endswith("Peri-LN's validation loss was the lower one at 2 of 4 evaluations (steps 60, 80).")
 
 
-def test_metrics_of_a_killed_and_resumed_run(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text(
-        '{"step": 1, "loss": 6.0}\n{"step": 2, "lo\n'              # cut by a kill, resumed on the next line
-        '{"step": 2, "loss": 5.9}\n{"step": 3, "loss": 5.{"step": 3, "loss": 5.8}\n'  # cut, appended to
-        '{"step": 4, "loss": 5.7}\n{"step": 5, "lo')                 # cut last line
-    assert demo.read_metrics(tmp_path) == {s: {"step": s, "loss": l} for s, l in ((1, 6.0), (2, 5.9), (3, 5.8),
-                                                                                   (4, 5.7))}
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\ngarbage\n{"step": 2, "loss": 5.9}\n')
-    with pytest.raises(SystemExit, match="metrics.jsonl:2: invalid JSON"):
-        demo.read_metrics(tmp_path)
+def test_a_killed_and_resumed_run_is_read_through_the_one_metrics_reader(tmp_path, capsys):
+    d = make_run(tmp_path, "pre", "pre", variance=FLAT, max_abs=SMALL_MAX, valid=5.0, steps=40)
+    # killed at step 40 mid-line, resumed from its step-20 checkpoint: steps 30 and 40 are the resumed run's
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "lo\n{"step": 30, "loss": 9.0}\n{"step": 40, "loss": 8.0}\n'
+                '{"step": 40, "final_valid_loss": 4.5}\n')
+    run = summarise_run(d)
+    assert run.train_curve == [(10, 5.75), (20, 5.5), (30, 9.0), (40, 8.0)] and run.valid_loss == 4.5
+    assert run.measured_step is None  # the per-layer record of step 40 was the killed run's
+    assert "a record cut off by a killed run, skipped" in capsys.readouterr().out
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\ngarbage\n{"step": 2, "loss": 5.9}\n')
+    with pytest.raises(SystemExit, match="^demo: .*metrics.jsonl:2: invalid JSON"):
+        summarise_run(d)
 
 
 def test_degeneracy():
-    assert demo.degeneracy([]) == "empty continuation"
-    assert demo.degeneracy([5] * 32) == "one token makes up 32 of 32 generated tokens"
-    assert demo.degeneracy([1, 2, 3, 4, 5, 6] * 5) == "22 of its 28 3-grams repeat an earlier one (it repeats itself)"
+    assert degeneracy([]) == "empty continuation"
+    assert degeneracy([5] * 32) == "one token makes up 32 of 32 generated tokens"
+    assert degeneracy([1, 2, 3, 4, 5, 6] * 5) == "22 of its 28 3-grams repeat an earlier one (it repeats itself)"
     # 7 of 30 3-grams repeated: under a quarter; 8 of 31: degenerate
-    assert demo.degeneracy(list(range(100, 123)) + [100, 101, 102, 103, 104, 105, 106, 107, 108]) is None
-    assert "8 of its 31 3-grams" in demo.degeneracy(list(range(100, 123)) + list(range(100, 109)) + [109])
-    assert demo.degeneracy(list(range(32))) is None
-    assert demo.degeneracy([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 11, 12, 13]) is None
+    assert degeneracy(list(range(100, 123)) + [100, 101, 102, 103, 104, 105, 106, 107, 108]) is None
+    assert "8 of its 31 3-grams" in degeneracy(list(range(100, 123)) + list(range(100, 109)) + [109])
+    assert degeneracy(list(range(32))) is None
+    assert degeneracy([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 11, 12, 13]) is None
     # a varied start that ends in a 3-token loop ("the same as the same as ...")
-    assert "ends in a loop" in demo.degeneracy(list(range(20)) + [50, 51, 52] * 4)
-    assert demo.degeneracy(list(range(20)) + [50, 51, 52] * 3 + [53, 54, 55]) is None
+    assert "ends in a loop" in degeneracy(list(range(20)) + [50, 51, 52] * 4)
+    assert degeneracy(list(range(20)) + [50, 51, 52] * 3 + [53, 54, 55]) is None
 
 
 def test_corpus_holds_back_documents_and_the_prompt_is_their_start(tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("\n\n".join(f"Document number {i} says word{i} and more words follow here." for i in range(120)))
     (tmp_path / "out").mkdir()
-    corpus, heldout = demo.build_corpus(tmp_path / "out", [str(text)])
+    corpus, heldout = build_corpus(tmp_path / "out", [str(text)])
     kept = [json.loads(l)["text"] for l in corpus.read_text().splitlines()]
     held = [json.loads(l)["text"] for l in heldout.read_text().splitlines()]
     assert len(kept) == 118 and len(held) == 2 and not set(kept) & set(held)
-    prompt, truth, doc = demo.sample_prompt(heldout)
+    prompt, truth, doc = sample_prompt(heldout)
     assert (prompt, doc) == ("Document number 49 says", 0) and truth.startswith("word49 and more")
-    assert demo.split_bounds([95, 5, 0], 2207) == [0, 2097, 2207, 2207]
+    assert split_bounds([95, 5, 0], 2207) == [0, 2097, 2207, 2207]
     # the first held-back document that starts with plain words, not code
     code = tmp_path / "held.jsonl"
     code.write_text("\n".join(json.dumps({"text": t}) for t in ("x = f(y) + 1 and more", "Return the sum of all values")))
-    assert demo.sample_prompt(code) == ("Return the sum of", "all values", 1)
+    assert sample_prompt(code) == ("Return the sum of", "all values", 1)
 
 
 def test_arguments():
-    args = demo.parse_args(["--lr", "3e-2", "--sweep", "1e-2,1e-1", "--steps", "40", "--seeds", "2", "--hidden", "128"])
+    args = parse_args(["--lr", "3e-2", "--sweep", "1e-2,1e-1", "--steps", "40", "--seeds", "2", "--hidden", "128"])
     assert (args.lr, args.sweep, args.steps, args.sweep_steps, args.seeds) == (0.03, [0.01, 0.1], 40, 40, 2)
-    assert args.ffn == 352 and args.layers == demo.PRESETS["default"]["layers"]  # the preset's FFN ratio, 176 / 64
-    keys = [j.key for j in demo.plan(args)]
+    assert args.ffn == 352 and args.layers == PRESETS["default"]["layers"]  # the preset's FFN ratio, 176 / 64
+    keys = [j.key for j in plan(args)]
     assert keys == ["peri", "pre", "peri_seed1235", "pre_seed1235", "peri_lr0.01", "pre_lr0.01", "peri_lr0.1",
                     "pre_lr0.1"]
     with pytest.raises(SystemExit):
-        demo.parse_args(["--hidden", "90"])  # not a multiple of the 4 heads
+        parse_args(["--hidden", "90"])  # not a multiple of the 4 heads
+
+
+def test_the_shipped_base_recipe_resolves_to_the_tiny_recipe(tmp_path):
+    """The demo's recipe ships in the package (an installed wheel has no recipes/): with the demo's
+    overrides it must stay the recipe the demo's runs used to get from recipes/tiny/peri_ln.yaml."""
+    from periln_megatron.config.recipe import load_recipe
+
+    args = parse_args(["--preset", "quick"])
+    args.eval_iters = 3
+    for job in plan(args):
+        overrides = recipe_overrides(args, job, tmp_path / job.key, tmp_path / "data", tmp_path / "spm.model")
+        shipped = load_recipe(BASE_RECIPE, overrides, check_environment=False).to_dict()
+        tiny = load_recipe(REPO / "recipes/tiny/peri_ln.yaml", overrides, check_environment=False).to_dict()
+        assert shipped == tiny and shipped["model"]["placement"] == job.placement
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -234,14 +261,14 @@ def test_reduced_demo(tmp_path):
         measured = [r for r in records if "layer_variance" in r]
         # layer 0 (the embedding output) in the JSONL
         assert measured and all(len(r["layer_variance"]) == LAYERS + 1 for r in measured)
-        runs[placement] = demo.summarise_run(out / "runs" / placement)
+        runs[placement] = summarise_run(out / "runs" / placement)
         assert summary["runs"][placement]["valid_loss"] == runs[placement].valid_loss > 0
     # layer 0 in the report's table, with the numbers of the JSONL
     row = [l for l in report.splitlines() if l.startswith("| 0 (embedding) |")]
     assert len(row) == 1
     assert f"| {runs['peri'].layer('layer_variance')[0]:.3g} | {runs['pre'].layer('layer_variance')[0]:.3g} |" in row[0]
     # every finding line is the classifier's, recomputed here from the run directories
-    for finding in demo.classify(list(runs.values()), 0.01):
+    for finding in classify_runs(list(runs.values()), 0.01):
         assert finding.line() in report
     assert "Training: 6 steps of 8 x 64 = 512 tokens: 3,072 tokens seen" in report
     assert "## Parallelism check" in report and "(agree: difference" in report
@@ -253,7 +280,7 @@ def test_reduced_demo(tmp_path):
         assert plot.read_bytes()[:8] == PNG
 
     # the prompt is the start of a held-back document; the export loads in stock transformers
-    prompt, truth, _ = demo.sample_prompt(out / "heldout.jsonl")
+    prompt, truth, _ = sample_prompt(out / "heldout.jsonl")
     assert summary["sample"]["prompt"] == prompt and repr(prompt) in report
     corpus = (out / "corpus.jsonl").read_text()
     first_held = json.loads((out / "heldout.jsonl").read_text().splitlines()[0])["text"]
@@ -263,10 +290,48 @@ def test_reduced_demo(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "hf_peri_ln")
     assert model.config.model_type == "hyperclovax" and model.config.num_hidden_layers == LAYERS
     assert "Greedy, 32 new tokens (" in report and repr(summary["sample"]["text"]) in report
-    verdict = "no" if demo.degeneracy(summary["sample"]["ids"]) else "yes"
+    verdict = "no" if degeneracy(summary["sample"]["ids"]) else "yes"
     assert f"non-degenerate greedy sample: {verdict}.**" in report
 
     # re-running resumes: nothing is retrained, the report is rewritten
     again = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=600)
     assert "corpus: " in again.stdout and "exists, kept" in again.stdout
     assert "finished earlier (finished), kept" in again.stdout and "step 1/" not in again.stdout
+
+
+def test_an_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path):
+    """The wheel of `pip install .`, installed into a fresh venv, then `python -m periln_megatron.demo --preset quick` from another
+    directory without PYTHONPATH: the demo needs no recipes/, no tools/ and no checkout."""
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ (and stale modules) in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "periln_megatron", src / "periln_megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    # torch, megatron-core & co. come from this interpreter's site-packages (a plain path: its .pth files,
+    # an editable install of this checkout among them, are not run), after the venv's own
+    site = run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    (Path(site.stdout.strip()) / "parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {"PYTHONPATH": ""}  # run() sets it to the checkout; Python ignores an empty one
+    # the wheel is built by this interpreter's setuptools (a fresh venv's bundled one may predate bdist_wheel)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(src)], env=env, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("periln_megatron-*.whl")
+    run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], env=env, timeout=600)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = run([str(venv / "bin/python"), "-c", "import periln_megatron.demo as d; print(d.__file__)"], env=env,
+                cwd=work)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
+
+    result = run([str(venv / "bin/python"), "-m", "periln_megatron.demo", "--preset", "quick", "--out", "out"],
+                 env=env, cwd=work, timeout=900)
+    assert "done in" in result.stdout, result.stdout[-4000:]
+    report = (work / "out" / "report.md").read_text()
+    assert "## What this run reproduces" in report and "(agree: difference" in report
+    assert (work / "out" / "hf_peri_ln" / "config.json").is_file()
+    assert sorted((work / "out" / "plots").glob("*.png"))

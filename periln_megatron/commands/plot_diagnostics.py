@@ -65,3 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(path)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

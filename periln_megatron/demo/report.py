@@ -1,0 +1,177 @@
+"""report.md and summary.json: the setting, warnings, the findings, per-layer tables, where the
+massive activations sit, losses and spikes, the parallelism check, plots and the HF sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from periln_megatron.demo.console import fmt_time
+from periln_megatron.demo.corpus import PROMPT_WORDS, CorpusStats
+from periln_megatron.demo.findings import FAR_MORE, Finding, peak
+from periln_megatron.demo.sample import SAMPLE_TOKENS
+from periln_megatron.demo.summary import PLACEMENTS, RunSummary
+
+OVERFIT_RISE = 0.02      # nats: a validation loss this far above its minimum has risen
+MAX_EPOCHS = 2.0
+
+LONG_PRESET_HINT = ("`make demo DEMO_ARGS=\"--preset long\"` trains long enough for a non-degenerate sample "
+                    "(12 x 96, 3000 steps: about 17 minutes on 2 idle cores).")
+
+
+def _g(x, spec=".3g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def warnings(runs: list[RunSummary], stats: CorpusStats, tokens_per_step: int) -> list[str]:
+    out = []
+    for steps in sorted({r.steps for r in runs}):
+        epochs = steps * tokens_per_step / max(stats.train_tokens, 1)
+        if epochs > MAX_EPOCHS:
+            out.append(f"{steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens is {epochs:.1f} "
+                       f"epochs over the training split ({stats.train_tokens:,} tokens): the corpus is too small for "
+                       f"the steps (more than {MAX_EPOCHS:g} epochs); the models see the same text repeatedly and "
+                       "the validation loss measures memorisation as much as learning. Give more text or fewer --steps.")
+    for r in runs:
+        if len(r.valid_curve) < 2:
+            continue
+        best_step, best = min(r.valid_curve, key=lambda sv: sv[1])
+        last_step, last = r.valid_curve[-1]
+        train_then = [l for s, l in r.train_curve if s <= best_step][-1:]
+        train_now = [l for s, l in r.train_curve if s <= last_step][-1:]
+        if last > best + OVERFIT_RISE and train_then and train_now and train_now[0] < train_then[0]:
+            out.append(f"{r.label} (lr {r.lr:g}, seed {r.seed}): validation loss rose from {best:.4f} (step {best_step}) "
+                       f"to {last:.4f} (step {last_step}) while training loss fell from {train_then[0]:.4f} to "
+                       f"{train_now[0]:.4f}: it is overfitting.")
+    return out
+
+
+def layer_table(peri: RunSummary, pre: RunSummary) -> list[str]:
+    lines = ["| layer | variance Peri-LN | variance Pre-LN | max\\|act\\| Peri-LN | max\\|act\\| Pre-LN | "
+             "attn / MLP out RMS Peri-LN | attn / MLP out RMS Pre-LN | out-norm gain attn / MLP (Peri-LN) |",
+             "|---|---|---|---|---|---|---|---|"]
+    n = max(len(peri.layer("layer_variance")), len(pre.layer("layer_variance")))
+
+    def at(run, key, i):
+        values = run.layer(key)
+        return values[i] if i < len(values) else None
+
+    for i in range(n):
+        name = "0 (embedding)" if i == 0 else str(i)
+        sub = lambda r: "-" if i == 0 else f"{_g(at(r, 'attn_out_rms', i))} / {_g(at(r, 'mlp_out_rms', i))}"  # noqa: E731
+        gain = "-" if i == 0 else f"{_g(at(peri, 'attn_out_gain', i))} / {_g(at(peri, 'mlp_out_gain', i))}"
+        lines.append(f"| {name} | {_g(at(peri, 'layer_variance', i))} | {_g(at(pre, 'layer_variance', i))} | "
+                     f"{_g(at(peri, 'layer_max_abs', i), '.4g')} | {_g(at(pre, 'layer_max_abs', i), '.4g')} | "
+                     f"{sub(peri)} | {sub(pre)} | {gain} |")
+    return lines
+
+
+def activation_lines(run: RunSummary) -> list[str]:
+    k = peak(run)
+    if k is None:
+        return [f"- {run.label}: no per-layer measurement."]
+    top = ", ".join(f"{d} ({s:.1%})" for d, s in (k["top_dims"] or []))
+    line = (f"- {run.label}: the largest |activation| is {k['value']:.4g} at layer {k['layer']}, hidden dimension "
+            f"{k['dim']}. The dimensions with the largest share of that layer's sum of squares: {top}"
+            + (f", together {sum(s for _, s in k['top_dims']):.1%} (an even spread over {run.hidden} dimensions "
+               f"gives each {1 / run.hidden:.1%})." if k["top_dims"] else "."))
+    line += f" The residual stream's max|act| reaches half of that at layer {k['half_layer']}."
+    if k["write"]:
+        line += (f" The largest single write is layer {k['write']['layer']}'s {k['write']['sublayer']} output, "
+                 f"max|act| {k['write']['value']:.4g} before the residual add.")
+    sumsq = run.layer("layer_max_token_sumsq")
+    maxes = run.layer("layer_max_abs")
+    over = [i for i, v in enumerate(sumsq) if v is not None and v > 65504]
+    line += (f" fp16 headroom: max|act| is {max(m for m in maxes if m is not None) / 65504:.2%} of 65504; "
+             + (f"a token's sum of squares exceeds 65504 (an fp16 norm that sums squares in fp16 overflows) "
+                f"from layer {over[0]} on (largest {max(sumsq):.4g})." if over else
+                f"no token's sum of squares exceeds it (largest {max(v for v in sumsq if v is not None):.4g})."))
+    return [line]
+
+
+def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding], stats: CorpusStats,
+                 sample: dict | None, check: dict | None, plots: list[Path], timing: dict) -> Path:
+    tokens_per_step = args.batch * args.seq_length
+    main = {p: next((r for r in runs if r.placement == p and r.run_dir.name == p), None) for p, _ in PLACEMENTS}
+    peri, pre = main["peri"], main["pre"]
+    seen = args.steps * tokens_per_step
+    lines = ["# Peri-LN vs Pre-LN, in miniature", "",
+             f"Corpus: {args.corpus_note}; {stats.documents} documents, {stats.tokens:,} tokens "
+             f"(SentencePiece BPE, vocabulary {args.vocab_size}); training split {stats.train_tokens:,} tokens "
+             f"in {stats.train_documents} documents, validation split {stats.valid_tokens:,} tokens.",
+             f"Models: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
+             f"({args.groups} KV groups), sequence length {args.seq_length}; lr {args.lr:g} (cosine to lr/10, "
+             f"warm-up {max(args.steps // 10, 1)} steps), same data order and initialisation seed for both.",
+             f"Training: {args.steps} steps of {args.batch} x {args.seq_length} = {tokens_per_step:,} tokens: "
+             f"{seen:,} tokens seen, {seen / max(stats.train_tokens, 1):.2f} epochs over the training split.",
+             f"Reference: a context-free model (the training split's unigram frequencies) scores "
+             f"{stats.unigram_valid_loss:.4f} nats on the validation split.",
+             f"Wall time {fmt_time(timing['wall_s'])}, CPU time {fmt_time(timing['cpu_s'])} (user + system, all "
+             f"processes) on {timing['cores']} cores, {args.jobs} training processes at a time; stages: "
+             + ", ".join(f"{k} {fmt_time(v)}" for k, v in timing["stages_s"].items()) + ". "
+             + (f"The load average over the last 5 minutes was {timing['load_average']:g}, above the {timing['cores']} "
+                "cores: other processes competed for them, so the wall time is longer than on an idle machine."
+                if timing["load_average"] > timing["cores"] else
+                f"The load average over the last 5 minutes was {timing['load_average']:g}."), ""]
+    warn = warnings(runs, stats, tokens_per_step)
+    if warn:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warn] + [""]
+    lines += ["## What this run reproduces", "",
+              f"Computed from the measurements below (classify() in periln_megatron/demo/findings.py; \"far more\" means "
+              f"at least {FAR_MORE:g}x):", ""]
+    lines += [f.line() for f in findings]
+    if sample is not None:
+        lines.append(f"- **Peri-LN's export gives a non-degenerate greedy sample: "
+                     f"{'no' if sample['degenerate'] else 'yes'}.** "
+                     + (f"Degenerate: {sample['degenerate']}. {LONG_PRESET_HINT}" if sample["degenerate"] else
+                        f"{sample['new_tokens']} new tokens: no token a third of them, fewer than a quarter of "
+                        f"their 3-grams repeated, no loop of up to 4 tokens at the end."))
+    lines.append("")
+    if peri and pre:
+        lines += [f"## Per layer, step {peri.measured_step} (Peri-LN) and {pre.measured_step} (Pre-LN)", "",
+                  "Layer 0 is the embedding output; layer n the residual stream after layer n. Sublayer RMS: the "
+                  "attention / MLP output as it enters the residual add.", ""]
+        lines += layer_table(peri, pre) + [""]
+        lines += ["## Where the massive activations sit", ""]
+        lines += activation_lines(pre) + activation_lines(peri) + [""]
+    lines += ["## Loss and spikes", "",
+              "Spikes: the loss or the global grad norm above 3x the median of the previous 50 steps (the trainer's "
+              "detector); a loss spike or a non-finite loss counts as instability, grad-norm spikes are listed.", "",
+              "| run | lr | seed | steps | status | final train loss | final validation loss | max\\|act\\| | spikes "
+              "| wall / CPU time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        spikes = "; ".join(f"step {s}: {m}" for s, m in r.spikes) or "none"
+        status = r.status + (f" ({r.message})" if r.message else "")
+        maxes = [m for m in r.layer("layer_max_abs") if m is not None]
+        lines.append(f"| {r.label} | {r.lr:g} | {r.seed} | {r.steps} | {status} | {_g(r.train_loss, '.4f')} | "
+                     f"{_g(r.valid_loss, '.4f')} | {_g(max(maxes) if maxes else None, '.4g')} | {spikes} | "
+                     f"{fmt_time(r.wall_s) if r.wall_s else 'n/a'} / {fmt_time(r.cpu_s) if r.cpu_s else 'n/a'} |")
+    lines.append("")
+    if check is not None and peri is not None and peri.valid_loss is not None:
+        diff = abs(check["valid_loss"] - peri.valid_loss)
+        agree = "agree" if diff <= 1e-4 * max(1.0, abs(peri.valid_loss)) else "DISAGREE"
+        lines += ["## Parallelism check", "",
+                  f"Peri-LN's step-{check['step']} checkpoint, resharded to {check['layout']} and evaluated by 2 "
+                  f"processes with megatron-core's pipeline schedule: validation loss {check['valid_loss']:.6f}, against "
+                  f"{peri.valid_loss:.6f} from the single training process ({agree}: difference {diff:.2g}).", ""]
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    if sample is not None:
+        lines += ["## Hugging Face export", "",
+                  f"{sample['model']} from `{sample['dir']}/`. Prompt: the first {PROMPT_WORDS} words of document "
+                  f"{sample['doc']} (counted from 0) of `heldout.jsonl`, the held-back documents, never trained on "
+                  f"(the first to start with {PROMPT_WORDS} plain words, or to be long enough if none does): "
+                  f"{sample['prompt']!r}; the "
+                  f"document goes on {sample['truth']!r}.", "",
+                  f"Greedy, {SAMPLE_TOKENS} new tokens (`</s>` ends a document; generation goes on past it): "
+                  f"{sample['text']!r}", ""]
+    elif peri is not None:
+        lines += ["## Hugging Face export", "", f"Not exported: Peri-LN {peri.status} ({peri.message}).", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    summary = {"findings": [f.__dict__ for f in findings], "sample": sample, "parallel_check": check,
+               "timing": timing, "corpus": stats.__dict__,
+               "runs": {r.run_dir.name: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()}
+                        for r in runs}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return report
+
