@@ -5,13 +5,14 @@
 
 Builds a JSONL from the text carried in tests/data, read through tests/corpus.py (tinyshakespeare
 speeches, WikiText-2 valid+test paragraphs), trains a SentencePiece BPE 8k tokenizer on those three
-files with tools/train_tokenizer.py, then, for each worker count, alternates runs of
+files with tools/train_tokenizer.py (periln_megatron.data.tokenizers.train), then, for each worker
+count, alternates runs of
   * reference: Megatron-LM tools/preprocess_data.py (core_v0.16.1) as it works: text-mode file
     iterated line by line into multiprocessing.Pool.imap(encode, lines, chunksize=25); each worker
     json.loads one line and calls megatron-core's SentencePieceTokenizer.text_to_ids on it, appends
     EOD, returns Python lists (pickled back); the main process calls builder.add_document per doc.
-  * ours: tools/preprocess_data.run (blocks of lines, batched + word-cached encoding, numpy
-    results, contiguous writes).
+  * ours: periln_megatron.data.preprocess.run, what tools/preprocess_data.py runs (blocks of lines,
+    batched + word-cached encoding, numpy results, contiguous writes).
 Both run in this process with imports already done, timed from pool start to the finalized
 files. Best of --repeats is reported. The two outputs must be byte-identical (same ids, same
 index), which also checks the round trip against the tokenizer's own encoding.
@@ -32,13 +33,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tests"))
 warnings.filterwarnings("ignore")
 
 import corpus  # noqa: E402
-import preprocess_data  # noqa: E402
-import train_tokenizer  # noqa: E402
+from periln_megatron.data import preprocess as preprocess_data  # noqa: E402
+from periln_megatron.data.tokenizers import train as train_tokenizer  # noqa: E402
 
 REFERENCE_MB_S = 3.0  # Megatron-LM tools/preprocess_data.py, 2 workers, these 2-core machines
 TOKENIZER_FILES = (corpus.TINYSHAKESPEARE, corpus.WIKITEXT2_VALID, corpus.WIKITEXT2_TEST)

@@ -57,9 +57,10 @@ def _train_main(argv: list[str] | None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, world_size=dist.world_size)
         # before CUDA starts (torchrun or srun without periln-launch / slurm/common.sh)
         os.environ.update(launch_environment(recipe.parallel.tp, recipe.parallel.cp))
-        from periln_megatron.data.datasets import check_prefixes, resolve_tokenizer
+        from periln_megatron.data.datasets import check_prefixes, resolve_tokenizer, with_tokenizer_size
 
         tokenizer = resolve_tokenizer(recipe)
+        recipe = with_tokenizer_size(recipe, tokenizer)
         check_prefixes(recipe)
         check_resumable(recipe, dist.world_size, log=lambda msg: print(msg, flush=True) if dist.rank == 0 else None)
     except (RecipeError, ValueError, FileNotFoundError, CheckpointError) as e:

@@ -146,13 +146,30 @@ def spm_400(tmp_path_factory):
 
 
 def test_tiny_recipe_takes_a_real_tokenizer(spm_400):
-    from periln_megatron.data.datasets import resolve_tokenizer
+    from periln_megatron.data.datasets import resolve_tokenizer, with_tokenizer_size
 
     recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml",
                          ["tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
     info = resolve_tokenizer(recipe)
     assert (info.vocab_size, info.eod) == (400, 2)
-    assert (recipe.data_vocab_size(), recipe.padded_vocab_size()) == (400, 512)
+    resolved = with_tokenizer_size(recipe, info)
+    assert (resolved.data_vocab_size(), resolved.padded_vocab_size()) == (400, 512)
+    assert resolved.tokenizer.vocab_size == 400 and "vocab_size: 400" in resolved.to_yaml()
+
+
+def test_resolving_the_tokenizer_leaves_the_validated_recipe_unchanged(spm_400):
+    import copy
+
+    from periln_megatron.data.datasets import resolve_tokenizer, with_tokenizer_size
+
+    recipe = load_recipe(REPO / "recipes/tiny/peri_ln.yaml",
+                         ["tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm_400}"])
+    before = copy.deepcopy(recipe)
+    info = resolve_tokenizer(recipe)
+    resolved = with_tokenizer_size(recipe, info)
+    assert recipe == before and recipe.to_yaml() == before.to_yaml()
+    assert recipe.tokenizer.vocab_size is None and resolved is not recipe and resolved.tokenizer is not recipe.tokenizer
+    assert resolved.tokenizer.vocab_size == 400 and resolved != recipe
 
 
 def test_too_small_fixed_vocabulary_names_the_tokenizer_file_its_size_and_the_key(spm_400, capsys):

@@ -1,4 +1,5 @@
-"""Data tools: train_tokenizer, preprocess_data, inspect_data, periln_megatron.data.tokenizers / indexed_data.
+"""Data tools: train_tokenizer, preprocess_data, inspect_data (periln_megatron.data.tokenizers.train,
+periln_megatron.data.preprocess, periln_megatron.data.inspect), periln_megatron.data.tokenizers / indexed.
 
 Real SentencePiece / tokenizers / tiktoken / megatron-core throughout; tokenizers are trained
 once per module on the text carried in tests/data (tests/corpus.py).
@@ -24,9 +25,10 @@ TOOLS = REPO / "tools"
 sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
-from launch import load_tool  # noqa: E402
+from periln_megatron.data import preprocess  # noqa: E402
 from periln_megatron.data.indexed import DataPrefixError, verify_prefix  # noqa: E402
 from periln_megatron.data.tokenizers import load_tokenizer  # noqa: E402
+from periln_megatron.data.tokenizers import train as train_tokenizer  # noqa: E402
 
 SP = "SentencePieceTokenizer"
 UNICODE_DOCS = [
@@ -41,7 +43,7 @@ UNICODE_DOCS = [
 
 @pytest.fixture(scope="module")
 def pp():
-    return load_tool("preprocess_data")
+    return preprocess
 
 
 def _docs() -> list[str]:
@@ -60,7 +62,7 @@ def _write_jsonl(path: Path, docs, key="text"):
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "bpe1k"
-    rc = load_tool("train_tokenizer").main([
+    rc = train_tokenizer.main([
         "--input", *(str(corpus.data_file(name)) for name in corpus.TRAINING_FILES),
         "--model-prefix", str(out), "--vocab-size", "1000", "--special-tokens", "<|pad|>",
         "--user-defined-symbols", "<|im_start|>", "--input-sentence-size", "20000"])
@@ -326,3 +328,79 @@ def test_tiktoken_local_file(pp, tmp_path):
     path.write_text("not base64!! x\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1:")):
         load_tokenizer("TikTokenizer", str(path))
+
+
+def test_one_protobuf_reader_reads_sentencepiece_models(spm_model):
+    """periln_megatron/data/tokenizers/protobuf.py is the one reader: the SentencePiece tokenizer and
+    the HF export both read the model through it, and agree with SentencePiece's own view of it."""
+    import sentencepiece
+
+    from periln_megatron.data.tokenizers import protobuf
+    from periln_megatron.data.tokenizers.sentencepiece import _sentencepiece_model_type
+    from periln_megatron.hf import tokenizer as hf_tokenizer
+
+    assert hf_tokenizer.fields is protobuf.fields and hf_tokenizer.last_values is protobuf.last_values
+    model = Path(spm_model).read_bytes()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    pieces = [value for field, wire, value in protobuf.fields(model) if field == 1 and wire == 2]
+    assert [protobuf.last_values(p)[1].decode() for p in pieces] == [sp.id_to_piece(i) for i in range(1000)]
+    assert _sentencepiece_model_type(model) == 2 == hf_tokenizer.read_spm(spm_model)["model_type"]  # BPE
+    assert [p for p, _, _ in hf_tokenizer.read_spm(spm_model)["pieces"]] == [sp.id_to_piece(i) for i in range(1000)]
+    # field 1 varint 150 (two bytes), field 2 the string "hi", field 3 fixed32
+    message = b"\x08\x96\x01" + b"\x12\x02hi" + b"\x1d\x01\x02\x03\x04"
+    assert list(protobuf.fields(message)) == [(1, 0, 150), (2, 2, b"hi"), (3, 5, b"\x01\x02\x03\x04")]
+    for bad, what in ((b"\x0b", "wire type 3 at byte 1"), (b"\x08\x96", "varint runs past the end"),
+                      (b"\x12\x05hi", "field 2 runs past the end")):
+        with pytest.raises(protobuf.ProtobufError, match=what):
+            list(protobuf.fields(bad))
+
+
+def test_module_commands_are_the_tools(spm_model, tmp_path):
+    """`python -m periln_megatron.data.preprocess` / `.data.tokenizers.train` / `.data.inspect` take the
+    tools' flags and write the same bytes; the console scripts in pyproject.toml are the same mains."""
+    import importlib
+    import tomllib
+
+    from periln_megatron.data import inspect as inspect_data
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for script, module in (("periln-preprocess", preprocess), ("periln-train-tokenizer", train_tokenizer),
+                           ("periln-inspect-data", inspect_data)):
+        name, _, attr = scripts[script].partition(":")
+        assert getattr(importlib.import_module(name), attr) is module.main, script
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(_docs()[:400]))
+    data = _write_jsonl(tmp_path / "d.jsonl", _docs()[:200])
+    outs = {}
+    for how, tool in (("tool", [str(TOOLS / "train_tokenizer.py")]),
+                      ("module", ["-m", "periln_megatron.data.tokenizers.train"])):
+        # one prefix for both: the model records it
+        subprocess.run([sys.executable, *tool, "--input", str(text), "--model-prefix", str(tmp_path / "sp"),
+                        "--vocab-size", "500", "--threads", "1"], check=True, env=env, cwd=tmp_path,
+                       capture_output=True, timeout=120)
+        outs[how] = (tmp_path / "sp.model").read_bytes()
+        (tmp_path / "sp.model").unlink()
+    assert outs["tool"] == outs["module"]
+    for how, tool in (("tool", [str(TOOLS / "preprocess_data.py")]),
+                      ("module", ["-m", "periln_megatron.data.preprocess"])):
+        subprocess.run([sys.executable, *tool, "--input", str(data), "--output-prefix", str(tmp_path / how / "c"),
+                        "--tokenizer-type", SP, "--tokenizer-model", str(spm_model), "--workers", "1", "--append-eod",
+                        "--quiet"], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=120)
+        outs[how] = [(tmp_path / how / f"c_text_document{s}").read_bytes() for s in (".bin", ".idx")]
+    assert outs["tool"] == outs["module"] and verify_prefix(f"{tmp_path}/module/c_text_document")[0] == 200
+    shown = {}
+    for how, tool in (("tool", [str(TOOLS / "inspect_data.py")]), ("module", ["-m", "periln_megatron.data.inspect"])):
+        r = subprocess.run([sys.executable, *tool, f"{tmp_path}/{how}/c_text_document", "--show", "1"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        shown[how] = r.stdout.replace(f"{tmp_path}/{how}/", "")
+    assert shown["tool"] == shown["module"] and "documents: 200" in shown["module"]
+    helps = {how: subprocess.run([sys.executable, *tool, "--help"], env=env, capture_output=True, text=True,
+                                 timeout=60).stdout
+             for how, tool in (("tool", [str(TOOLS / "preprocess_data.py")]),
+                               ("module", ["-m", "periln_megatron.data.preprocess"]))}
+    assert helps["module"].startswith("usage: python -m periln_megatron.data.preprocess ")
+    flags = {how: sorted(set(re.findall(r"--[a-z][a-z-]+", h))) for how, h in helps.items()}
+    assert flags["tool"] == flags["module"] and "--keep-empty-documents" in flags["module"]

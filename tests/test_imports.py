@@ -11,7 +11,7 @@ PACKAGE = REPO / "periln_megatron"
 
 # data/tokenizers/__init__.py still defines SENTENCEPIECE_TYPES, TOKENIZER_TYPES, PREPROCESS_ONLY_TYPES
 # and LOADABLE_TYPES itself while that package is being split (issue #23); then it imports them.
-CHOICES_PENDING = {"periln_megatron/data/tokenizers/__init__.py"}
+CHOICES_PENDING: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO, load_tool
+from launch import REPO
 from periln_megatron.cli import params_main, train_main
 from periln_megatron.config import Recipe, RecipeError, load_recipe
+from periln_megatron.data import inspect as inspect_data
+from periln_megatron.data import preprocess
 from periln_megatron.data.indexed import PrefixWriter
+from periln_megatron.data.tokenizers import train as train_tokenizer
 
 TINY = str(REPO / "recipes/tiny/peri_ln.yaml")
 SP = "SentencePieceTokenizer"
@@ -38,7 +41,7 @@ def files_under(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tools():
-    return {name: load_tool(name) for name in ("preprocess_data", "train_tokenizer", "inspect_data")}
+    return {"preprocess_data": preprocess, "train_tokenizer": train_tokenizer, "inspect_data": inspect_data}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py writes the same bytes as Megatron-LM's tools/preprocess_data.py.
+"""tools/preprocess_data.py (periln_megatron.data.preprocess) writes the same bytes as Megatron-LM's tools/preprocess_data.py.
 
 The reference (`megatron_reference`) is what Megatron-LM's script at tag core_v0.16.1 does, as
 read in its source, rebuilt here from megatron-core 0.16.1 (installed): its tokenizers, as the
@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
-from launch import load_tool  # noqa: E402
+from periln_megatron.data import preprocess  # noqa: E402
 
 EOT = "<|endoftext|>"
 SPLIT_CHARS = 1_000_000  # Megatron-LM splits sentences this many characters at a time
@@ -81,7 +81,7 @@ LONG_DOC = "Alpha beta. Gamma delta." + " " * (SPLIT_CHARS - 28) + "Epsilon zeta
 
 @pytest.fixture(scope="module")
 def pp():
-    return load_tool("preprocess_data")
+    return preprocess
 
 
 def _docs() -> list[str]:

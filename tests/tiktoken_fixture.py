@@ -99,9 +99,9 @@ def make_tiktoken_file(path: str | Path, texts: Iterable[str], vocab_size: int) 
 
 def megatron_json(tiktoken_path: str | Path, json_path: str | Path) -> Path:
     """Rewrite a tiktoken file as Megatron's TikTokenizer ``.json`` vocabulary."""
-    from periln_megatron.data.tokenizers import _read_tiktoken_ranks
+    from periln_megatron.data.tokenizers import read_tiktoken_ranks
 
-    ranks = _read_tiktoken_ranks(Path(tiktoken_path))
+    ranks = read_tiktoken_ranks(Path(tiktoken_path))
     vocab = [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("utf-8", "replace")}
              for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
     json_path = Path(json_path)

@@ -7,6 +7,7 @@ would have seen.
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import shutil
@@ -202,8 +203,9 @@ class TokenIdError(ValueError):
 
 
 def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
-    """Read the tokenizer's size and EOD id; fill in tokenizer.vocab_size; check model.vocab_size against it.
-    Without a tokenizer the size is model.vocab_size, or for synthetic data data.synthetic_vocab_size."""
+    """Read the tokenizer's size and EOD id and check model.vocab_size against it; `recipe` is left as it
+    is (with_tokenizer_size gives the recipe the run records). Without a tokenizer the size is
+    model.vocab_size, or for synthetic data data.synthetic_vocab_size."""
     from periln_megatron.config import RecipeError
 
     tok, m = recipe.tokenizer, recipe.model
@@ -214,8 +216,7 @@ def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
         if tok.vocab_size is not None and tok.vocab_size != loaded.vocab_size:
             raise RecipeError(f"{recipe.source}: `tokenizer.vocab_size` = {tok.vocab_size} but {tok.model} "
                               f"has {loaded.vocab_size} tokens")
-        tok.vocab_size = loaded.vocab_size
-        eod = loaded.eod_id
+        size, eod = loaded.vocab_size, loaded.eod_id
         if m.vocab_size is not None and m.vocab_size < loaded.vocab_size:
             multiple = math.lcm(m.make_vocab_size_divisible_by, recipe.parallel.tp)
             raise RecipeError(
@@ -224,9 +225,19 @@ def resolve_tokenizer(recipe: Recipe) -> TokenizerInfo:
                 f"tokenizer's size padded to a multiple of {multiple}: {-(-loaded.vocab_size // multiple) * multiple}) "
                 f"or to at least {loaded.vocab_size}")
     else:
-        eod = 0
-    size = recipe.data_vocab_size()
+        size, eod = recipe.data_vocab_size(), 0
     if m.vocab_size is not None and m.vocab_size < size:
         raise RecipeError(f"{recipe.source}: `model.vocab_size` = {m.vocab_size} is smaller than the "
                           f"tokenizer's {size} tokens")
     return TokenizerInfo(vocab_size=size, eod=eod)
+
+
+def with_tokenizer_size(recipe: Recipe, tokenizer: TokenizerInfo) -> Recipe:
+    """A copy of `recipe` whose tokenizer.vocab_size is the size resolve_tokenizer read from tokenizer.model:
+    what the run's recipe.yaml, its checkpoints and an HF export record, and what data_vocab_size() and
+    padded_vocab_size() then give. `recipe` itself is not changed; without a tokenizer it is returned."""
+    if not recipe.tokenizer.model or recipe.tokenizer.vocab_size == tokenizer.vocab_size:
+        return recipe
+    resolved = copy.deepcopy(recipe)
+    resolved.tokenizer.vocab_size = tokenizer.vocab_size
+    return resolved

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 from periln_megatron.config.choices import SENTENCEPIECE_TYPES
+from periln_megatron.data.tokenizers.protobuf import fields, last_values
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 PROBES = ("Hello world", "  leading and  double  spaces ", "tabs\tand\nnewlines\n\nx", "ÉtÉ café naïve",
@@ -22,49 +23,18 @@ class TokenizerExportError(ValueError):
     pass
 
 
-def _fields(buf: bytes):
-    """(field number, value) of a protobuf message: ints for varints/fixed32, bytes for length-delimited."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"not a protobuf message (wire type {wire} at byte {i})")
-        yield field, value
-
-
-def _varint(buf: bytes, i: int):
-    shift = result = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
 def read_spm(path: str | Path) -> dict:
     """Pieces (piece, score, type) plus the trainer/normalizer settings that decide encoding."""
     pieces, trainer, normalizer = [], {}, {}
-    for field, value in _fields(Path(path).read_bytes()):
+    for field, _, value in fields(Path(path).read_bytes()):
         if field == 1:
             p = {1: b"", 2: struct.pack("<f", 0.0), 3: NORMAL}
-            p.update(dict(_fields(value)))
+            p.update(last_values(value))
             pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p[2])[0], p[3]))
         elif field == 2:
-            trainer = dict(_fields(value))
+            trainer = last_values(value)
         elif field == 3:
-            normalizer = dict(_fields(value))
+            normalizer = last_values(value)
     return {
         "pieces": pieces,
         "model_type": trainer.get(3, 1),  # 1 unigram, 2 bpe
