@@ -234,7 +234,7 @@ def test_arguments():
 def test_the_shipped_base_recipe_resolves_to_the_tiny_recipe(tmp_path):
     """The demo's recipe ships in the package (an installed wheel has no recipes/): with the demo's
     overrides it must stay the recipe the demo's runs used to get from recipes/tiny/peri_ln.yaml."""
-    from periln_megatron.config.recipe import load_recipe
+    from periln_megatron.config import load_recipe
 
     args = parse_args(["--preset", "quick"])
     args.eval_iters = 3

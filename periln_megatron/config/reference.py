@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from periln_megatron.config import recipe as config
+from periln_megatron.config.validate import CHOICES, POSITIVE
 
 REGENERATE = "python -m periln_megatron.config.reference --write docs/recipes.md"
 
@@ -128,9 +129,9 @@ def _rows(cls, prefix: str, meanings: dict) -> list[tuple[str, str, str, str, st
         dotted = f"{prefix}{f.name}"
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         allowed = ""
-        if dotted in config.CHOICES:
-            allowed = ", ".join(f"`{_yaml(v)}`" for v in config.CHOICES[dotted])
-        elif dotted in config.POSITIVE:
+        if dotted in CHOICES:
+            allowed = ", ".join(f"`{_yaml(v)}`" for v in CHOICES[dotted])
+        elif dotted in POSITIVE:
             allowed = ">= 1"
         meaning = meanings.get(cls.__name__, {}).get(f.name)
         if not meaning:
