@@ -8,6 +8,8 @@ import os  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fixtures import spm1k, spm_run, stock_llama, tiny_run  # noqa: E402,F401  (session-wide, tests/fixtures.py)
+
 # What a test process leaves here, every later subprocess inherits: a MASTER_PORT that an in-process
 # store still holds made the next tests' trainers and Slurm jobs fail with EADDRINUSE.
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

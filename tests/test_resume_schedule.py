@@ -9,7 +9,6 @@ Real runs of the tiny recipe: one 3-step run, resumed to 5 steps with lr 1.0 -> 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import sys
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from launch import REPO, run
+from periln_megatron.training.metrics import read_metrics, series
 
 PY = sys.executable
 TRAIN = [PY, "-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
@@ -66,12 +66,7 @@ def expected_lr(recipe: dict, step: int) -> float:
 
 
 def _lr_by_step(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "lr" in record:
-            out[record["step"]] = record["lr"]  # a resumed run's later record wins
-    return out
+    return series(read_metrics(run_dir), "lr")  # a resumed run's records replace the earlier run's
 
 
 @pytest.mark.parametrize("sets,named", [

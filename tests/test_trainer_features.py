@@ -6,12 +6,13 @@ import math
 import pytest
 
 from launch import run_torchrun
+from periln_megatron.training.metrics import read_metrics, series
 
 TRAIN = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set"]
 
 
 def records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return list(read_metrics(run_dir).values())
 
 
 def train(tmp_path, nproc, *overrides, check=True):
@@ -22,7 +23,7 @@ def train(tmp_path, nproc, *overrides, check=True):
 
 
 def losses(tmp_path):
-    return [r["loss"] for r in records(tmp_path) if "loss" in r]
+    return list(series(read_metrics(tmp_path), "loss").values())
 
 
 def test_interleaved_pipeline(tmp_path):
