@@ -164,7 +164,7 @@ def _export(capfd, ckpt: Path, out: Path, *extra):
 
 
 def _run_layout(tiny_run: Path, root: Path, layout: str) -> tuple[Path, Path, list[str]]:
-    """A copy of the tiny_run run under root/proj (with the user's NOTES.txt beside it) and the
+    """A copy of the tiny run under root/proj (with the user's NOTES.txt beside it) and the
     output a careless command line would name: (checkpoint dir, output dir, extra flags)."""
     proj = root / "proj"
     ckpt = _copy_run(tiny_run, proj)
@@ -274,7 +274,7 @@ def test_two_concurrent_conversions_into_one_new_dir(tiny_run, hf_model, tmp_pat
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretiny_run(str(dst))
+        model = AutoModelForCausalLM.from_pretrained(str(dst))
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, 256) and torch.isfinite(logits).all()
     else:
