@@ -801,8 +801,8 @@ def test_a_killed_holder_does_not_block_the_next_run(tmp_path, lock):
     finally:
         kill_all([first])  # SIGKILL: no clean-up of the lock file
     saved = _marker(d)
-    second = _spawn([*TRAIN_MODULE, "--set", f"checkpoint.dir={d}", f"train.steps={saved + 2}"],
-                    tmp_path / "second.log", env)
+    second = _spawn([*TRAIN_MODULE, "--set", f"checkpoint.dir={d}", f"train.steps={saved + 2}",
+                     "checkpoint.on_schedule_change=checkpoint"], tmp_path / "second.log", env)
     log = tmp_path / "second.log"
     assert wait_all([second], timeout=240) == [0], log.read_text()[-3000:]
     assert f"resumed from iteration {saved}" in log.read_text() and _marker(d) == saved + 2
