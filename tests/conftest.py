@@ -1,3 +1,7 @@
+"""Shared by every test module: tests/ on sys.path (launch.py, fixtures.py, reference models), the
+session-wide artefacts of tests/fixtures.py (spm1k, spm_run, tiny_run, stock_llama), and the check
+that no test leaves launcher variables behind. `make test` prints the 25 slowest tests."""
+
 import sys
 from pathlib import Path
 
