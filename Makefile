@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@if [ -x tools/ensure_slurm.sh ]; then tools/ensure_slurm.sh; fi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # On a GPU machine, inside the image with this checkout mounted (docs/gpu_check.md): te backend, bf16/FP8
 # and their agreement, DP=2 with the paper flags + async save, PP=2, TP=2+SP, -m gpu tests, checkpoints -> HF.

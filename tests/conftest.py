@@ -1,3 +1,7 @@
+"""Shared by every test module: tests/ on sys.path (launch.py, fixtures.py, reference models), the
+session-wide artefacts of tests/fixtures.py (spm1k, spm_run, tiny_run, stock_llama), and the check
+that no test leaves launcher variables behind. `make test` prints the 25 slowest tests."""
+
 import sys
 from pathlib import Path
 
@@ -7,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import os  # noqa: E402
 
 import pytest  # noqa: E402
+
+from fixtures import spm1k, spm_run, stock_llama, tiny_run  # noqa: E402,F401  (session-wide, tests/fixtures.py)
 
 # What a test process leaves here, every later subprocess inherits: a MASTER_PORT that an in-process
 # store still holds made the next tests' trainers and Slurm jobs fail with EADDRINUSE.

@@ -97,15 +97,37 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss from a run's metrics.jsonl; a later line for a step (a resumed run) wins."""
-    import json
+    """step -> training loss from a run's metrics.jsonl, read by the trainer's own reader (a resumed
+    run's records replace the earlier run's from the step it restarts at)."""
+    from periln_megatron.training.metrics import read_metrics, series
 
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return series(read_metrics(Path(run_dir)), "loss")
+
+
+def requeue(src_ckpt: Path, iteration: int, dst: Path) -> Path:
+    """dst as a requeued job finds it: only `iteration` of src_ckpt, and the marker naming it."""
+    import shutil
+
+    name = f"iter_{iteration:07d}"
+    shutil.copytree(Path(src_ckpt) / name, Path(dst) / name)
+    (Path(dst) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    return Path(dst)
+
+
+def assert_resumed(output: str, run_dir: Path, iteration: int, straight: dict[int, float], steps, exact=True,
+                   abs_tol: float = 0.0) -> dict[int, float]:
+    """A run said it resumed from `iteration` and logged, for every step in `steps`, the loss the
+    straight run logged there (bitwise when exact, else within abs_tol). Returns its losses."""
+    import pytest
+
+    assert f"resumed from iteration {iteration}" in output, output[-3000:]
+    resumed = step_losses(run_dir)
+    for step in steps:
+        if exact:
+            assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+        else:
+            assert resumed[step] == pytest.approx(straight[step], abs=abs_tol), step
+    return resumed
 
 
 def load_tool(name: str):

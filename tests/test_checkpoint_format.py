@@ -5,7 +5,6 @@ The trainer runs under torchrun through this file (see the bottom): with NO_GATH
 optimizer's gathering methods raise, so a fully_parallel save or load that gathered would fail.
 """
 
-import json
 import random
 import sys
 from pathlib import Path
@@ -13,19 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import run_torchrun
+from launch import assert_resumed, requeue, run_torchrun, step_losses
 
 TINY = "recipes/tiny/peri_ln.yaml"
 HERE = str(Path(__file__).resolve())
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 def train(nproc: int, ckpt: Path, *overrides: str, no_gather: bool = False) -> str:
@@ -112,7 +102,7 @@ def dp2(tmp_path_factory):
     for fmt in ("fully_parallel", "gathered"):
         ckpt = tmp_path_factory.mktemp(fmt)
         train(2, ckpt, *STEPS, f"checkpoint.format={fmt}", no_gather=fmt == "fully_parallel")
-        runs[fmt] = (ckpt, losses(ckpt))
+        runs[fmt] = (ckpt, step_losses(ckpt))
     return runs
 
 
@@ -145,21 +135,11 @@ def test_both_formats_write_the_same_tensors_spread_differently(dp2):
     assert gathered.get(("optimizer", 1), 0) == 0 and gathered["optimizer", 0] > 0, gathered  # rank 0 wrote it all
 
 
-def _resume_from(src: Path, dst: Path, steps: int, *overrides: str, no_gather=False) -> dict[int, float]:
-    import shutil
-
-    shutil.copytree(src / "iter_0000010", dst / "iter_0000010")
-    (dst / "latest_checkpointed_iteration.txt").write_text("10\n")
-    out = train(2, dst, f"train.steps={steps}", "checkpoint.save_at_end=false", "logging.tensorboard=false",
+def _resume_from(src: Path, dst: Path, expected: dict[int, float], *overrides: str, no_gather=False) -> None:
+    requeue(src, 10, dst)
+    out = train(2, dst, "train.steps=11", "checkpoint.save_at_end=false", "logging.tensorboard=false",
                 "checkpoint.interval=0", "checkpoint.on_schedule_change=checkpoint", *overrides, no_gather=no_gather)
-    assert "resumed from iteration 10" in out
-    return losses(dst)
-
-
-def test_exact_resume_same_layout_without_gathering(dp2, tmp_path):
-    ckpt, expected = dp2["fully_parallel"]
-    resumed = _resume_from(ckpt, tmp_path, 12, no_gather=True)
-    assert [resumed[s] for s in (11, 12)] == [expected[s] for s in (11, 12)]  # bitwise
+    assert_resumed(out, dst, 10, expected, [11], exact=False, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("source,layout", [
@@ -171,9 +151,7 @@ def test_exact_resume_same_layout_without_gathering(dp2, tmp_path):
 def test_resharding(dp2, tmp_path, source, layout):
     """As test_trainer.py's resharding test: the next step's loss under the new layout."""
     ckpt, expected = dp2[source]
-    resumed = _resume_from(ckpt, tmp_path, 11, *layout,
-                           no_gather="checkpoint.format=gathered" not in layout)
-    assert resumed[11] == pytest.approx(expected[11], abs=1e-5)
+    _resume_from(ckpt, tmp_path, expected, *layout, no_gather="checkpoint.format=gathered" not in layout)
 
 
 def test_bad_format_is_one_line():

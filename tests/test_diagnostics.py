@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import run, run_torchrun
+from launch import requeue, run, run_torchrun
+from periln_megatron.training.metrics import read_metrics
 
 from periln_megatron.training.diagnostics import LAYER_DIM_KEYS, LAYER_KEYS, SpikeDetector
 
@@ -21,11 +22,7 @@ HIDDEN = 64
 
 
 def records(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out.setdefault(record["step"], {}).update(record)
-    return out
+    return read_metrics(run_dir)
 
 
 # ----------------------------------------------------------------------------- spike detector
@@ -72,19 +69,14 @@ def test_spike_detector_ignores_missing_and_nonfinite():
 # ----------------------------------------------------------------------------- real runs
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    """Peri-LN and Pre-LN tiny runs, 2 ranks at TP=1 (so DP=2). Peri-LN measures every step and saves at
-    step 2, the starting point of the layout comparison; Pre-LN measures every 2nd step and logs every 3rd."""
-    root = tmp_path_factory.mktemp("diag_runs")
-    settings = {"peri": ["diagnostics.interval=1", "checkpoint.interval=2"],
-                "pre": ["diagnostics.interval=2", "logging.interval=3"]}
-    dirs = {}
-    for placement, extra in settings.items():
-        d = root / placement
-        run_torchrun(2, [*TRAIN, f"recipes/tiny/{placement}_ln.yaml", "--set", "train.steps=4", *extra,
-                         f"checkpoint.dir={d}"], timeout=300)
-        dirs[placement] = d
-    return dirs
+def tiny_runs(tiny_run, tmp_path_factory):
+    """Peri-LN and Pre-LN tiny runs, 2 ranks at TP=1 (so DP=2). Peri-LN (the session's tiny_run,
+    tests/fixtures.py) measures every step and saves at step 2, the starting point of the layout
+    comparison; Pre-LN measures every 2nd step and logs every 3rd."""
+    d = tmp_path_factory.mktemp("diag_runs") / "pre"
+    run_torchrun(2, [*TRAIN, "recipes/tiny/pre_ln.yaml", "--set", "train.steps=4", "diagnostics.interval=2",
+                     "logging.interval=3", f"checkpoint.dir={d}"], timeout=300)
+    return {"peri": tiny_run, "pre": d}
 
 
 def positive(values) -> bool:
@@ -149,9 +141,7 @@ def layout_records(tiny_runs, tmp_path_factory):
     assert (source / "iter_0000002").is_dir()
     out = {}
     for name, layout in LAYOUTS.items():
-        d = tmp_path_factory.mktemp(f"layout_{name}")
-        shutil.copytree(source / "iter_0000002", d / "iter_0000002")
-        (d / "latest_checkpointed_iteration.txt").write_text("2\n")
+        d = requeue(source, 2, tmp_path_factory.mktemp(f"layout_{name}"))
         result = run_torchrun(2, ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set",
                                   *layout, "train.steps=3", "diagnostics.interval=1", f"checkpoint.dir={d}",
                                   "checkpoint.save_at_end=false", "checkpoint.on_schedule_change=checkpoint"],

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from launch import REPO, run, run_torchrun
+from periln_megatron.training.metrics import read_metrics
 
 TINY = "recipes/tiny/peri_ln.yaml"
 
@@ -132,7 +133,7 @@ def test_trainer_logs_throughput_per_gpu_and_mfu(tmp_path):
     per_token = training_flops_per_token(recipe(TINY))
     assert f"model FLOPs {per_token / 1e9:.4g} GFLOP/token (Megatron-LM's count); MFU against the " \
            f"logging.peak_tflops = {peak:g} TFLOP/s" in out
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = list(read_metrics(tmp_path).values())
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / 2)
@@ -145,7 +146,7 @@ def test_trainer_logs_throughput_per_gpu_and_mfu(tmp_path):
     out = run_torchrun(1, ["-m", "periln_megatron.train", "--recipe", TINY, "--set", "train.steps=1",
                            "optim.warmup_steps=0", f"logging.run_dir={plain}"], timeout=300).stdout
     assert "MFU not reported: no GPU (set logging.peak_tflops to report MFU)" in out
-    (row,) = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    (row,) = read_metrics(plain).values()
     assert "mfu" not in row and row["tflops_per_gpu"] > 0
 
 
@@ -444,8 +445,9 @@ def test_paper_recipe_flags_still_run_at_tp2_x_pp2(tmp_path):
     """The paper recipes ship pure data parallel (their memory estimates fit without TP or PP), so
     their TP x PP path is covered here: the 3.2B recipe's own flags (bf16, distributed optimizer, both
     overlaps) at the layout it shipped before, TP=2 x PP=2 with SP at DP=2 (8 ranks), shrunk to CPU
-    size, trains and resumes from iteration 2 to the same loss."""
-    import shutil
+    size, trains and, requeued from iteration 2, gives step 3 the same loss bit for bit (one of the two
+    exact-resume checks; the other is test_trainer.py's SIGKILL)."""
+    from launch import assert_resumed, requeue, step_losses
 
     r = recipe("recipes/peri_ln/3.2b.yaml")
     assert r.precision.preset == "bf16" and r.parallel.distributed_optimizer and r.parallel.overlap_param_gather
@@ -460,15 +462,8 @@ def test_paper_recipe_flags_still_run_at_tp2_x_pp2(tmp_path):
     out = run_torchrun(8, [*args, f"checkpoint.dir={ckpt}"], timeout=600).stdout
     assert "tp=2 pp=2 vpp=None cp=1 dp=2" in out
 
-    def losses(run_dir):
-        return {row["step"]: row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if "loss" in row}
-
-    straight = losses(ckpt)
+    straight = step_losses(ckpt)
     assert sorted(straight) == [1, 2, 3]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(ckpt / "iter_0000002", resumed / "iter_0000002")
-    (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
+    resumed = requeue(ckpt, 2, tmp_path / "resumed")
     out = run_torchrun(8, [*args, f"checkpoint.dir={resumed}"], timeout=600).stdout
-    assert "resumed from iteration 2" in out
-    assert losses(resumed)[3] == straight[3]
+    assert_resumed(out, resumed, 2, straight, [3])

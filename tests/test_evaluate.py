@@ -46,31 +46,10 @@ def _offline(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A SentencePiece tokenizer and 40 steps of the tiny Peri-LN recipe on the training text (never
-    on wikitext2-test), exported to Hugging Face."""
-    import sentencepiece
-
-    tmp = tmp_path_factory.mktemp("evaluate")
-    prefix = tmp / "spm1k"
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus.data_file(corpus.TINYSHAKESPEARE)), model_prefix=str(prefix), vocab_size=1000,
-        model_type="bpe", byte_fallback=True, input_sentence_size=20000, shuffle_input_sentence=True,
-        minloglevel=2, num_threads=2)
-    spm = prefix.with_suffix(".model")
-    docs = corpus.wikitext_paragraphs("valid") + corpus.shakespeare_speeches()
-    (tmp / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    run([PY, "tools/preprocess_data.py", "--input", str(tmp / "train.jsonl"), "--output-prefix", str(tmp / "corpus"),
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(spm), "--append-eod",
-         "--workers", "1"], timeout=240)
-    ckpt = tmp / "ckpt"
-    run([PY, "-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set", f"checkpoint.dir={ckpt}",
-         "data.synthetic=false", f"data.prefixes=[{tmp / 'corpus_text_document'}]", "data.split=98,2,0",
-         "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm}", "model.vocab_size=null",
-         "train.steps=40", "optim.lr=0.01", "checkpoint.interval=0"], timeout=300)
-    hf = tmp / "hf"
-    run([PY, "tools/convert_to_hf.py", str(ckpt), str(hf), "--quiet"], timeout=180)
-    return {"tmp": tmp, "spm": spm, "ckpt": ckpt / "iter_0000040", "hf": hf}
+def trained(spm_run):
+    """The session's spm_run (tests/fixtures.py): a SentencePiece tokenizer and 40 steps of the tiny
+    Peri-LN recipe on the training text (never on wikitext2-test), exported to Hugging Face."""
+    return spm_run
 
 
 def held_out_documents() -> list[str]:
@@ -87,7 +66,7 @@ def _evaluate(trained, *args, check=True):
 
 def _megatron(trained, docs_file: Path) -> dict:
     out = trained["tmp"] / f"megatron-{docs_file.stem}.json"
-    run([PY, __file__, "megatron-nll", str(trained["ckpt"]), str(docs_file), str(trained["spm"]), str(out)],
+    run([PY, __file__, "megatron-nll", str(trained["iteration"]), str(docs_file), str(trained["spm"]), str(out)],
         timeout=300)
     return json.loads(out.read_text())
 
@@ -198,13 +177,14 @@ def test_benchmark_dataset_offline_is_one_line(trained):
     (["--text-file", "{bad}", "--text-key", "body"], "line 1 has no string 'body'"),
     (["--text-file", "{bad}", "--prefix-token", "sep"], "--prefix-token: eos, bos or a token id"),
 ])
-def test_argument_errors_are_one_line(trained, tmp_path, args, message):
+def test_argument_errors_are_one_line(trained, tool, tmp_path, capsys, args, message):
     bad = tmp_path / "docs.jsonl"
     bad.write_text(json.dumps({"text": "a document"}) + "\n")
     args = [str(bad) if a == "{bad}" else a for a in args]
-    r = _evaluate(trained, *args, check=False)
-    lines = r.stdout.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("evaluate: error: "), r.stdout[-2000:]
+    rc = tool.main([str(trained["hf"]), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and not captured.out and lines[0].startswith("evaluate: error: "), captured
     assert message in lines[0]
 
 
@@ -250,9 +230,9 @@ def test_prefix_token_beyond_the_vocabulary_is_one_line(trained, tool, tmp_path,
     assert json.loads(out.read_text())["prefix_token_id"] == 999
 
 
-def test_missing_model_dir(tmp_path):
-    r = run([PY, "tools/evaluate.py", str(tmp_path / "nope"), "--text-file", str(tmp_path)], check=False, timeout=60)
-    assert r.returncode == 2 and "nope: does not exist" in r.stdout
+def test_missing_model_dir(tool, tmp_path, capsys):
+    assert tool.main([str(tmp_path / "nope"), "--text-file", str(tmp_path)]) == 2
+    assert "nope: does not exist" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- megatron side (subprocess)

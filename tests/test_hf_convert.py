@@ -17,14 +17,9 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
-def spm_model(tmp_path_factory) -> Path:
-    import sentencepiece
-
-    prefix = tmp_path_factory.mktemp("spm") / "spm1k"
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus.data_file(corpus.TINYSHAKESPEARE)), model_prefix=str(prefix), vocab_size=1000,
-        model_type="bpe", byte_fallback=True, input_sentence_size=20000, shuffle_input_sentence=True, minloglevel=2, num_threads=2)
-    return prefix.with_suffix(".model")
+def spm_model(spm1k) -> Path:
+    """The session's SentencePiece BPE model (tests/fixtures.py)."""
+    return spm1k
 
 
 def _train(tmp: Path, recipe: str, nproc: int, sets: list[str]) -> Path:

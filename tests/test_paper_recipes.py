@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from launch import run_torchrun, step_losses
+from periln_megatron.training.metrics import read_metrics
 
 TINY = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set"]
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return list(read_metrics(run_dir).values())
 
 
 def checkpoint_tensors(iter_dir) -> dict[str, torch.Tensor]:
@@ -131,8 +132,8 @@ def _layout(recipe_path):
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
-    """Train, save, resume exactly, export with its tokenizer, load in transformers, same logits."""
-    import shutil
+    """Train, save, export with its tokenizer, load in transformers, same logits. (Exact resume under
+    these flags: test_efficiency.py's TP=2 x PP=2 run of the 3.2B recipe's flags.)"""
     import sys
 
     import corpus
@@ -153,14 +154,6 @@ def test_paper_recipe_rehearsal(name, tiktoken_data, tmp_path):
     assert [r["step"] for r in records(ckpt) if "valid_loss" in r] == [2]
     # diagnostics at step 2: the embedding output (layer 0) and the 4 layers
     assert [len(r["layer_variance"]) for r in records(ckpt) if "layer_variance" in r] == [5]
-
-    if not name.startswith("pre_ln"):  # Pre-LN shares its layout and flags with the Peri-LN case of its size
-        resumed = tmp_path / "resumed"  # from iteration 2, as a requeued job would
-        shutil.copytree(ckpt / "iter_0000002", resumed / "iter_0000002")
-        (resumed / "latest_checkpointed_iteration.txt").write_text("2\n")
-        out = run_torchrun(nproc, [*args, f"checkpoint.dir={resumed}"], timeout=420).stdout
-        assert "resumed from iteration 2" in out
-        assert step_losses(resumed)[3] == straight[3]
 
     hf = tmp_path / "hf"
     export = run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(hf)], timeout=180, check=False)

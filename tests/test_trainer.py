@@ -1,12 +1,11 @@
 """The trainer end to end on CPU: exact resume after SIGKILL, resharding, preemption, crash during save."""
 
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
-from launch import kill_all, run_torchrun, spawn_ranks, wait_all, wait_for_line
+from launch import assert_resumed, kill_all, requeue, run_torchrun, spawn_ranks, wait_all, wait_for_line
 from launch import step_losses as losses
 
 TINY = "recipes/tiny/peri_ln.yaml"
@@ -38,21 +37,16 @@ def test_exact_resume_after_sigkill(tmp_path, straight_run):
     procs = spawn_ranks(2, args, tmp_path / "logs2")
     assert wait_all(procs) == [0, 0], (tmp_path / "logs2/rank0.log").read_text()[-3000:]
     log = (tmp_path / "logs2/rank0.log").read_text()
-    assert "resumed from iteration 10" in log
-    resumed = losses(tmp_path)
-    for step in range(11, 21):
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert_resumed(log, tmp_path, 10, expected, range(11, 21), exact=False, abs_tol=1e-6)
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.pp=2"]], ids=["tp1", "pp2"])
 def test_resharding_tp2_checkpoint(tmp_path, straight_run, layout):
     ckpt, expected = straight_run
-    shutil.copytree(ckpt / "iter_0000010", tmp_path / "iter_0000010")
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10\n")
+    requeue(ckpt, 10, tmp_path)
     out = run_torchrun(2, [*TRAIN, "--set", *layout, "train.steps=11", f"checkpoint.dir={tmp_path}",
                            "checkpoint.save_at_end=false", "checkpoint.on_schedule_change=checkpoint"]).stdout
-    assert "resumed from iteration 10" in out
-    assert losses(tmp_path)[11] == pytest.approx(expected[11], abs=1e-5)
+    assert_resumed(out, tmp_path, 10, expected, [11], exact=False, abs_tol=1e-5)
 
 
 def test_sigterm_saves_and_exits_75(tmp_path):

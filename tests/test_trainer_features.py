@@ -6,12 +6,13 @@ import math
 import pytest
 
 from launch import run_torchrun
+from periln_megatron.training.metrics import read_metrics, series
 
 TRAIN = ["-m", "periln_megatron.train", "--recipe", "recipes/tiny/peri_ln.yaml", "--set"]
 
 
 def records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return list(read_metrics(run_dir).values())
 
 
 def train(tmp_path, nproc, *overrides, check=True):
@@ -22,7 +23,7 @@ def train(tmp_path, nproc, *overrides, check=True):
 
 
 def losses(tmp_path):
-    return [r["loss"] for r in records(tmp_path) if "loss" in r]
+    return list(series(read_metrics(tmp_path), "loss").values())
 
 
 def test_interleaved_pipeline(tmp_path):
@@ -65,53 +66,48 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def indexed_data(tmp_path_factory):
-    """Real prefixes made with the project's tools from tests/data: Shakespeare, WikiText, and a
-    one-document prefix."""
-    import sys
-
+def indexed_data(spm1k, tmp_path_factory):
+    """Real prefixes made with tools/preprocess_data.py (in this process) and the session's
+    SentencePiece model from tests/data: Shakespeare, WikiText, and a one-document prefix."""
     import corpus
-    from launch import run
+    from launch import load_tool
 
     work = tmp_path_factory.mktemp("data")
     speeches = corpus.shakespeare_speeches()
     docs = {"tinyshakespeare": speeches, "wikitext2-valid": corpus.wikitext_paragraphs("valid"),
             "one_document": speeches[:1]}
-    for name, texts in docs.items():
-        texts = texts[:400]
-        (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    run([sys.executable, "tools/train_tokenizer.py", "--input", str(work / "tinyshakespeare.jsonl"),
-         str(work / "wikitext2-valid.jsonl"), "--model-prefix", str(work / "spm"), "--vocab-size", "500"])
+    preprocess = load_tool("preprocess_data")
     prefixes = []
-    for name in docs:
-        run([sys.executable, "tools/preprocess_data.py", "--input", str(work / f"{name}.jsonl"),
-             "--output-prefix", str(work / name), "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", str(work / "spm.model"), "--append-eod"])
+    for name, texts in docs.items():
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:400]))
+        assert preprocess.main(["--input", str(work / f"{name}.jsonl"), "--output-prefix", str(work / name),
+                                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(spm1k),
+                                "--append-eod", "--workers", "1", "--quiet"]) == 0
         prefixes.append(str(work / f"{name}_text_document"))
-    return work, prefixes
+    return spm1k, prefixes
 
 
 def test_trains_on_weighted_blend_of_indexed_prefixes(tmp_path, indexed_data):
-    work, (a, b, _) = indexed_data
+    spm, (a, b, _) = indexed_data
     train(tmp_path, 1, "data.synthetic=false", f"data.prefixes=[0.3, {a}, 0.7, {b}]", "model.vocab_size=null",
-          "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={work / 'spm.model'}",
+          "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm}",
           "train.eval_interval=2", "train.eval_iters=1", "data.split=90,10,0")
     recs = records(tmp_path)
     assert [r["step"] for r in recs if "valid_loss" in r] == [2, 4]
-    assert recs[0]["loss"] > 5.0  # ln(512) ~ 6.2 at the start: real tokens over the padded vocab
+    assert recs[0]["loss"] > 5.0  # ln(1024) ~ 6.9 at the start: real tokens over the padded vocab
 
 
 def test_truncated_bin_fails_before_training(tmp_path, indexed_data):
     import shutil
 
-    work, (a, _, _) = indexed_data
+    spm, (a, _, _) = indexed_data
     broken = tmp_path / "broken_text_document"
     shutil.copy(a + ".idx", str(broken) + ".idx")
     data = open(a + ".bin", "rb").read()
     (tmp_path / "broken_text_document.bin").write_bytes(data[: len(data) // 2])
     result = train(tmp_path / "run", 1, "data.synthetic=false", f"data.prefixes=[{broken}]",
                    "model.vocab_size=null", "tokenizer.type=SentencePieceTokenizer",
-                   f"tokenizer.model={work / 'spm.model'}", check=False)
+                   f"tokenizer.model={spm}", check=False)
     assert result.returncode != 0
     assert f"{broken}.bin" in result.stdout and "periln-train: error:" in result.stdout
     assert "step 1/" not in result.stdout
@@ -128,9 +124,9 @@ def test_overlapped_grad_reduce_and_param_gather_match_plain_dp(tmp_path):
 @pytest.mark.parametrize("evaluation", [["train.eval_interval=2", "train.eval_iters=1"], []], ids=["eval", "no-eval"])
 def test_split_without_documents_fails_naming_the_prefix(tmp_path, indexed_data, evaluation):
     """megatron-core would count epochs forever over an empty validation split, built even when unused."""
-    work, (_, _, single) = indexed_data
+    spm, (_, _, single) = indexed_data
     result = train(tmp_path, 1, "data.synthetic=false", f"data.prefixes=[{single}]", "model.vocab_size=null",
-                   "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={work / 'spm.model'}",
+                   "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm}",
                    *evaluation, "data.split=90,10,0", check=False)
     assert result.returncode != 0 and "step 1/" not in result.stdout
     assert f"{single}: data.split '90,10,0' leaves the valid split 0 of its 1 documents" in result.stdout

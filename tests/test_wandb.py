@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch import REPO, run, run_torchrun
+from periln_megatron.training.metrics import read_metrics
 
 TINY = str(REPO / "recipes/tiny/peri_ln.yaml")
 
@@ -86,11 +87,7 @@ def read_offline_run(run_dir: Path) -> dict:
 
 
 def metrics_records(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out.setdefault(record["step"], {}).update(record)
-    return out
+    return read_metrics(run_dir)
 
 
 # ------------------------------------------------------------------------------- the runs
