@@ -698,8 +698,16 @@ def _spawn(args: list[str], log: Path, env: dict | None = None):
     full = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     full.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
     with open(log, "w") as out:
+        # SIGINT as a terminal's command has it: a pytest started in the background by a non-interactive
+        # shell ignores SIGINT, and children inherit an ignored signal
         return subprocess.Popen([PY, *args], cwd=REPO, env=full, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _marker(ckpt: Path) -> int:

@@ -175,7 +175,8 @@ def test_metrics_in_logging_run_dir_and_missing(tmp_path, capsys):
     assert rows["metrics"] == f"`{(run_dir / 'metrics.jsonl').resolve()}`"
     assert rows["tokenizer"].startswith("none in the recipe")
 
-    moved = tmp_path / "elsewhere.jsonl"
+    moved = tmp_path / "elsewhere" / "metrics.jsonl"  # outside the exported run: --metrics names its run dir
+    moved.parent.mkdir()
     shutil.move(run_dir / "metrics.jsonl", moved)
     assert convert([str(ckpt), str(hf), "--quiet", "--overwrite"]) == 0
     card = (hf / "README.md").read_text()
