@@ -32,7 +32,7 @@ EXTRA = ["Ünïcödé: ελληνικά, кириллица, 한국어 텍스트
 def corpus() -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): docstrings of the standard library, as the demo's corpus;
     the held-out ones are never seen by the BPE trainer."""
-    from periln_megatron.demo import stdlib_docstrings
+    from periln_megatron.demo.corpus import stdlib_docstrings
 
     docs = list(stdlib_docstrings(500_000))
     train = docs[: len(docs) * 2 // 3]
