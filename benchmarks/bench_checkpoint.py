@@ -210,7 +210,6 @@ def _mem_available() -> int:
 
 
 def _params(recipe_path: str, override_groups: list[list[str]], nproc: int) -> tuple[int, object]:
-    sys.path.insert(0, str(REPO))
     from periln_megatron.config import combine_overrides, load_recipe
     from periln_megatron.model.param_count import count_parameters
 
@@ -360,7 +359,6 @@ def main() -> int:
     if "--worker" in sys.argv:
         i = sys.argv.index("--")
         out = Path(sys.argv[sys.argv.index("--out") + 1])
-        sys.path.insert(0, str(REPO))
         return worker(out, sys.argv[i + 1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/peri_ln/400m.yaml")

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def build_dataset(tmp: Path, seq: int, samples: int):

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 OVERRIDES = ["model.backend=local", "precision.preset=bf16", "data.synthetic=true", "data.prefixes=[]",
              "checkpoint.dir=null"]
 
