@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from periln_megatron.config import combine_overrides
 from periln_megatron.config.choices import BACKENDS
 from periln_megatron.training.metrics import MetricsError, read_metrics, series
 
@@ -95,10 +96,9 @@ class GpuCheck:
         CUDA_DEVICE_MAX_CONNECTIONS for TP), in its own directory unless `run_dir` continues one."""
         run_dir = run_dir or self.out / name
         cpu = ["model.backend=local"] if self.device == "cpu" else []
-        merged = dict(item.split("=", 1) for item in [*BASE, *sets, *cpu, *self.extra, f"checkpoint.dir={run_dir}"])
         cmd = [sys.executable, "-m", "periln_megatron.launch", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "periln_megatron.train", *args, "--recipe", recipe, "--set",
-               *(f"{key}={value}" for key, value in merged.items())]
+               *combine_overrides(BASE, sets, cpu, self.extra, [f"checkpoint.dir={run_dir}"])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if self.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", "1")
@@ -209,8 +209,7 @@ class GpuCheck:
             if run.code != 0 or not measured:
                 self.record(name, "FAIL", f"exit {run.code}, no max_memory_allocated_gib logged: {run.log[-400:]!r}")
                 continue
-            merged = dict(item.split("=", 1) for item in [*BASE, *sets, f"checkpoint.dir={run.run_dir}"])
-            recipe = load_recipe(REPO / RECIPES["peri"], [f"{k}={v}" for k, v in merged.items()],
+            recipe = load_recipe(REPO / RECIPES["peri"], combine_overrides(BASE, sets, [f"checkpoint.dir={run.run_dir}"]),
                                  check_environment=False)
             est = estimate(recipe, 1, device="gpu", have_te=HAVE_TE, have_apex=fusion_kernels()["have_apex"]).peak.total
             ratio = est / (measured * 2**30)
