@@ -1,12 +1,5 @@
-"""The training loop: one loop for CPU and GPU, built from megatron-core's parts.
-
-Exit status (the Slurm templates rely on it):
-    0   training finished
-    75  stopped by a signal or --exit-after-minutes after saving a checkpoint: requeue me
-    3   loss or grad norm became NaN/Inf (no checkpoint of that state is written)
-    2   invalid recipe or command line, or checkpoint.dir / the run dir is in use by another run
-    130 a second SIGINT (Ctrl-C): stopped at once, without saving
-"""
+"""The training loop: one loop for CPU and GPU, built from megatron-core's parts. Its exit statuses
+(the Slurm templates rely on them) are listed once, in periln_megatron/exit_codes.py."""
 
 from __future__ import annotations
 
