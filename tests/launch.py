@@ -20,19 +20,38 @@ def free_port() -> int:
 
 
 def run_torchrun(nproc: int, script_and_args: list[str], timeout: float = 300, env: dict | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    """torchrun on 127.0.0.1 in its own process group; the whole group is killed on timeout."""
+                 check: bool = True, real: bool = False) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `python SCRIPT_AND_ARGS` on 127.0.0.1 with torchrun's environment, forked from
+    the test fork server (tests/zygote.py); `real=True` starts torchrun itself. Either way the whole job
+    is killed on timeout."""
+    if not real:
+        return _forked(script_and_args, nproc, timeout, env, check, REPO)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_and_args,
     ]
     return run(cmd, timeout=timeout, env=env, check=check)
 
 
-def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True,
-        cwd: Path | str = REPO) -> subprocess.CompletedProcess:
+def _environment(env: dict | None) -> dict:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     full_env.update(env or {})
+    return full_env
+
+
+def forkable(cmd: list[str]) -> bool:
+    """`python -m MOD ...`, `python -c CODE ...` or `python SCRIPT.py ...` with this interpreter."""
+    return (len(cmd) >= 2 and cmd[0] == sys.executable
+            and (cmd[1] in ("-m", "-c") and len(cmd) >= 3 or cmd[1].endswith(".py")))
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True,
+        cwd: Path | str = REPO, real: bool = False) -> subprocess.CompletedProcess:
+    """Run a command to completion, output and errors together; Python commands of this interpreter
+    are forked from the test fork server unless `real`."""
+    if not real and forkable(cmd):
+        return _forked(cmd[1:], None, timeout, env, check, cwd)
+    full_env = _environment(env)
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -46,10 +65,75 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
-    return result
+    return _result(cmd, proc.returncode, out, check)
+
+
+def _result(cmd: list[str], code: int, out: str, check: bool) -> subprocess.CompletedProcess:
+    if check and code != 0:
+        raise AssertionError(f"exit {code}: {' '.join(cmd)}\n{out[-6000:]}")
+    return subprocess.CompletedProcess(cmd, code, out, "")
+
+
+_ZYGOTE: dict = {}
+
+
+def _zygote_socket() -> str:
+    """The session's fork server, started on first use (~6 s of imports, once)."""
+    import atexit
+    import tempfile
+
+    if _ZYGOTE.get("proc") is not None and _ZYGOTE["proc"].poll() is None:
+        return _ZYGOTE["path"]
+    path = os.path.join(tempfile.mkdtemp(prefix="zygote-"), "socket")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), path], cwd=REPO,
+                            env=_environment(None), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"the test fork server did not start (exit {proc.wait()})")
+    _ZYGOTE.update(proc=proc, path=path)
+    atexit.register(proc.kill)
+    return path
+
+
+def _forked(argv: list[str], nproc: int | None, timeout: float, env: dict | None, check: bool,
+            cwd: Path | str) -> subprocess.CompletedProcess:
+    import json
+    import tempfile
+
+    cmd = [sys.executable, *argv] if nproc is None else [f"torchrun --nproc_per_node={nproc}", *argv]
+    fd, out_path = tempfile.mkstemp(prefix="zygote-out-")
+    os.close(fd)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(_zygote_socket())
+        request = {"argv": list(map(str, argv)), "env": _environment(env), "cwd": str(cwd), "nproc": nproc,
+                   "out": out_path}
+        conn.sendall((json.dumps(request) + "\n").encode())
+        reader = conn.makefile("r")
+        conn.settimeout(30)
+        job = int(reader.readline())
+        conn.settimeout(timeout)
+        try:
+            answer = reader.readline() or '{"status": "no answer"}'
+        except (socket.timeout, TimeoutError):
+            answer = ""
+        finally:
+            try:
+                os.killpg(job, signal.SIGKILL)  # ranks that outlived their job
+            except ProcessLookupError:
+                pass
+        out = Path(out_path).read_text(errors="replace")
+        if not answer:
+            raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+        status = json.loads(answer)["status"]
+        if not isinstance(status, int):
+            raise AssertionError(f"the fork server's job ended without an exit status: {' '.join(cmd)}\n{out[-4000:]}")
+        return _result(cmd, status, out, check)
+    finally:
+        conn.close()
+        os.unlink(out_path)
 
 
 def spawn_ranks(nproc: int, args: list[str], log_dir: Path, env: dict | None = None) -> list[subprocess.Popen]:
