@@ -31,6 +31,7 @@ import time
 import traceback
 
 PR_SET_PDEATHSIG = 1
+NOT_SHARED = ("wandb",)
 
 
 def _die_with_parent() -> None:
@@ -172,11 +173,19 @@ def serve(path: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    # Not imported here: modules that take a per-process resource at import. wandb makes a temporary
+    # media directory at import and removes it at exit, so the first forked child to exit would delete
+    # it under all the others. megatron-core imports it optionally (inference logging only); the
+    # children import it themselves when our W&B sink asks for it.
+    for name in NOT_SHARED:
+        sys.modules[name] = None
     # what nearly every command imports; the children share these pages
     import megatron.core.dist_checkpointing  # noqa: F401
     import periln_megatron.cli  # noqa: F401
     import periln_megatron.training.loop  # noqa: F401
 
+    for name in NOT_SHARED:
+        del sys.modules[name]
     warnings.resetwarnings()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # jobs report to their clients; nobody reaps them here
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
