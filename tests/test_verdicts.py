@@ -127,7 +127,7 @@ def test_best_lr_and_lr_sensitivity():
     pre = {0.01: [6.36, 6.46], 0.03: [6.55]}
     sens = lr_sensitivity(peri, pre)
     assert sens.status == NOT_SHOWN, sens.statistic
-    assert "Range: Peri-LN 0.0300, Pre-LN 0.1400 nats" in sens.statistic
+    assert "Range: Peri-LN 0.0300 nats, Pre-LN 0.1400 nats" in sens.statistic
     assert lr_sensitivity({0.01: [5.0, 5.01], 0.1: [5.05]}, {0.01: [5.0, 5.01], 0.1: [math.inf]}).status == SHOWN
     assert lr_sensitivity({0.01: [5.0, 5.01], 0.1: [6.0]}, {0.01: [5.0, 5.01], 0.1: [5.05]}).status == CONTRADICTED
     assert lr_sensitivity({0.01: [5.0]}, {0.01: [5.0]}).status == NOT_SHOWN

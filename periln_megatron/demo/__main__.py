@@ -15,8 +15,10 @@ from pathlib import Path
 
 import periln_megatron.demo as package
 from periln_megatron.demo.console import fmt_time, log
-from periln_megatron.demo.corpus import build_corpus, corpus_note, corpus_stats, sample_prompt, tokenize
+from periln_megatron.demo.corpus import (build_corpus, corpus_note, corpus_stats, heldout_document, near_duplicates,
+                                         sample_prompt, tokenize)
 from periln_megatron.demo.findings import classify
+from periln_megatron.demo.machine import matmul_gflops
 from periln_megatron.demo.report import _g, write_report
 from periln_megatron.demo.runner import Job, Trainer, cpu_seconds, parallel_check, run_module
 from periln_megatron.demo.sample import export_and_sample
@@ -159,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if main_runs["peri"].status == "finished":
         prompt, truth, doc = sample_prompt(heldout)
         sample = export_and_sample(out, main_runs["peri"].run_dir, prompt)
-        sample.update(truth=truth, doc=doc)
+        sample.update(truth=truth, doc=doc, near_duplicate=near_duplicates(heldout_document(heldout, doc), corpus))
     stage("export and sample", t)
     timing = {"wall_s": round(time.monotonic() - started, 1), "cpu_s": round(cpu_seconds() - cpu_started, 1),
-              "stages_s": stages, "load_average": round(os.getloadavg()[1], 1), "cores": os.cpu_count()}
+              "stages_s": stages, "load_average": round(os.getloadavg()[1], 1), "cores": os.cpu_count(),
+              "gemm_gflops": round(matmul_gflops(), 1)}
     report = write_report(out, args, runs, findings, stats, sample, check, plots, timing)
     for f in findings:
         log(f"{f.name}: {f.status}")

@@ -92,9 +92,9 @@ def recipe_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Pat
         "data.synthetic=false", f"data.prefixes=[{prefix}]", f"data.split={args.split}",
         "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={tokenizer}",
         f"checkpoint.dir={run_dir}", f"checkpoint.interval={max(steps // 2, 1)}", "checkpoint.keep=1",
-        f"diagnostics.interval={max(steps // 10, 1)}", f"logging.interval={max(steps // 20, 1)}",
+        f"diagnostics.interval={max(steps // 10, 1)}", "logging.interval=1",
         "logging.tensorboard=false",
-    ]
+    ]  # every step logged: the stability figures count steps (a JSON line per step costs nothing here)
 
 
 
@@ -170,6 +170,8 @@ class Trainer:
         for step, record in run_metrics(job.run_dir).items():
             if step > job.step and isinstance(record.get("loss"), (int, float)):
                 job.step = step
+                if step % max(job.steps // 20, 1) and "valid_loss" not in record and not record.get("spike"):
+                    continue  # every step is logged; about 20 progress lines a run are shown
                 print(f"  {job.title}: step {step}/{job.steps}, loss {record['loss']:.4f}"
                       + (f", valid {record['valid_loss']:.4f}" if "valid_loss" in record else "")
                       + (" SPIKE" if record.get("spike") else "") + f" | ETA {self.eta(job, running, pending)}",

@@ -109,9 +109,9 @@ def lr_sensitivity(peri: dict[float, list[float]], pre: dict[float, list[float]]
     tol = tolerance(sd, counts)
     status = _judge(ranges["peri"], ranges["pre"], tol)
     cells = "; ".join(f"{name} " + ", ".join(_loss(m[x]) for x in lrs) for name, m in (("Peri-LN", mp), ("Pre-LN", mq)))
-    span = lambda r: "unbounded (a run diverged)" if math.isinf(r) else f"{r:.4f}"  # noqa: E731
+    span = lambda r: "unbounded (a run diverged)" if math.isinf(r) else f"{r:.4f} nats"  # noqa: E731
     text = (f"Loss at lr {', '.join(f'{x:g}' for x in lrs)}: {cells}. Range: Peri-LN {span(ranges['peri'])}, "
-            f"Pre-LN {span(ranges['pre'])} nats; {_tolerance_text(sd, df, tol)}.")
+            f"Pre-LN {span(ranges['pre'])}; {_tolerance_text(sd, df, tol)}.")
     return Verdict(status, text, {"ranges": ranges, "tolerance": tol})
 
 

@@ -37,10 +37,11 @@ def largest_spike(values: list[float], window: int = SPIKE_WINDOW) -> tuple[floa
 def run_stability(steps: list[int], losses: list[float], grad_norms: list[float | None], warmup: int,
                   max_act: float | None, diverged: bool = False) -> dict:
     """One run's stability figures from its per-step training loss and grad norm (every logged step;
-    the demo logs every step). `above` is math.inf for a diverged run (it ranks last)."""
+    the demo logs every step). `above` is math.inf for a diverged run (it ranks last); `spike` is None
+    without enough grad norms for a running median."""
     if not steps:
         return {"above": math.inf if diverged else 0, "initial": None, "peak": None, "recovered": None,
-                "spike": 0.0, "spike_step": None, "fp16": bool(max_act and max_act > FP16_MAX), "max_act": max_act,
+                "spike": None, "spike_step": None, "fp16": bool(max_act and max_act > FP16_MAX), "max_act": max_act,
                 "diverged": diverged, "after": 0}
     initial = losses[0]
     after = [(s, l) for s, l in zip(steps, losses) if s > warmup]
@@ -51,7 +52,7 @@ def run_stability(steps: list[int], losses: list[float], grad_norms: list[float 
         recovered = next((s for s, l in after if s > peak_step and l < initial), None)
     ratio, at = largest_spike(grad_norms)
     return {"above": math.inf if diverged else len(above), "initial": initial, "peak": peak, "peak_step": peak_step,
-            "recovered": recovered, "excursion": bool(above), "spike": ratio,
+            "recovered": recovered, "excursion": bool(above), "spike": ratio if at is not None else None,
             "spike_step": steps[at] if at is not None else None, "fp16": bool(max_act and max_act > FP16_MAX),
             "max_act": max_act, "diverged": diverged, "after": len(after)}
 
