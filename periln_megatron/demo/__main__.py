@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{main_runs['peri'].valid_loss:.6f})")
 
     t = stage("parallelism check", t)
-    run_module("plot_diagnostics", [main_runs["peri"].run_dir, main_runs["pre"].run_dir, "--out", out / "plots"],
-               "plotting diagnostics")
+    others = [r.run_dir for r in runs if r.run_dir.name != r.placement]
+    run_module("plot_diagnostics", [main_runs["peri"].run_dir, main_runs["pre"].run_dir, "--out", out / "plots",
+                                    *(["--curves-also", *others] if others else [])], "plotting diagnostics")
     t = stage("plots", t)
     plots = sorted((out / "plots").glob("*.png"))
     findings = classify(runs, args.lr)
