@@ -172,7 +172,8 @@ def test_warnings_for_too_many_epochs_and_overfitting(tmp_path):
     assert small.startswith("The validation split (1,235 tokens) is smaller than one evaluation pass (1 x 2,048")
     assert report_warnings(runs[:1], CorpusStats(100, 10**6, 95, 900_000, 4096, 6.5), 2048, eval_iters=2) == []
     # the --preset long hint says which corpus it was measured on, and what it would be on this one
-    assert "on the default corpus (the standard library's docstrings, 366,086" in long_preset_hint(stats, True)
+    hint = long_preset_hint(stats, True)
+    assert "the standard library's docstrings, 366,086 training tokens at vocabulary 2000" in hint
     assert "where its 3,072,000 tokens would be 61.4 epochs of the 50,000 training tokens" in long_preset_hint(stats,
                                                                                                              False)
     # the loss finding says which model was lower along the way, not only at the end
@@ -244,6 +245,12 @@ def test_arguments():
                     "pre_lr0.1"]
     with pytest.raises(SystemExit):
         parse_args(["--hidden", "90"])  # not a multiple of the 4 heads
+    # the stability preset: no gradient clipping at lr 1.0 over 3 seeds; every other preset clips at 1.0
+    noclip = parse_args(["--preset", "noclip"])
+    assert (noclip.clip_grad, noclip.lr, noclip.seeds, noclip.layers) == (0.0, 1.0, 3, 12) and args.clip_grad == 1.0
+    noclip.eval_iters = 1
+    job = plan(noclip)[0]
+    assert "optim.clip_grad=0.0" in recipe_overrides(noclip, job, Path("r"), Path("d"), Path("t"))
 
 
 def test_the_shipped_base_recipe_resolves_to_the_tiny_recipe(tmp_path):

@@ -15,6 +15,7 @@ from periln_megatron.demo.summary import PLACEMENTS, RunSummary
 
 OVERFIT_RISE = 0.02      # nats: a validation loss this far above its minimum has risen
 MAX_EPOCHS = 2.0
+NEAR_COPY = 0.5          # a training document holding half of the prompt document's 8-grams is a near-copy of it
 
 # --preset long: 3000 steps of 8 x 128 tokens, measured on the default corpus (docs/demo_search.md)
 LONG_PRESET_TOKENS = 3000 * 8 * 128
@@ -32,7 +33,8 @@ def long_preset_hint(stats: CorpusStats, default_corpus: bool) -> str:
     it would be there."""
     hint = ("`make demo DEMO_ARGS=\"--preset long\"` (12 x 96, 3000 steps of 8 x 128) gave a non-degenerate sample "
             f"on the default corpus (the standard library's docstrings, {LONG_PRESET_CORPUS_TOKENS:,} training "
-            f"tokens: {LONG_PRESET_TOKENS / LONG_PRESET_CORPUS_TOKENS:.1f} epochs; about 17 minutes on 2 idle cores)")
+            f"tokens at vocabulary 2000: {LONG_PRESET_TOKENS / LONG_PRESET_CORPUS_TOKENS:.1f} epochs; about 17 "
+            "minutes on 2 idle cores)")
     if default_corpus:
         return hint + "."
     epochs = LONG_PRESET_TOKENS / max(stats.train_tokens, 1)
@@ -151,7 +153,8 @@ def export_check(sample: dict, stats: CorpusStats, default_corpus: bool) -> list
                  "text" if dup["doc"] is not None else f"none of its {dup['ngrams']} word {dup['n']}-grams occurs in "
                  "the training text")
         verdict = (": a near-copy of the prompt's document was trained on, so the continuation can be recall"
-                   if dup["share"] >= 0.5 else "")
+                   if dup["share"] >= NEAR_COPY else f" (under {NEAR_COPY:.0%} in any one document: no near-copy)"
+                   if dup["doc"] is not None else "")
         lines += [f"Near-duplicate check of the prompt's document: {found}{verdict}.", ""]
     elif dup:
         lines += [f"Near-duplicate check: the prompt's document has fewer than {dup['n']} words, nothing to compare.",
@@ -178,7 +181,9 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
              f"in {stats.train_documents} documents, validation split {stats.valid_tokens:,} tokens.",
              f"Models: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
              f"({args.groups} KV groups), sequence length {args.seq_length}; lr {args.lr:g} (cosine to lr/10, "
-             f"warm-up {max(args.steps // 10, 1)} steps), same data order and initialisation seed for both.",
+             f"warm-up {max(args.steps // 10, 1)} steps), "
+             + (f"gradient clipping {args.clip_grad:g}" if args.clip_grad else "no gradient clipping")
+             + ", same data order and initialisation seed for both.",
              f"Training: {args.steps} steps of {args.batch} x {args.seq_length} = {tokens_per_step:,} tokens: "
              f"{seen:,} tokens seen, {seen / max(stats.train_tokens, 1):.2f} epochs over the training split.",
              f"Reference: a context-free model (the training split's unigram frequencies) scores "

@@ -89,6 +89,7 @@ def recipe_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Pat
         f"train.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.seed={job.seed}",
         f"train.eval_interval={max(steps // 5, 1)}", f"train.eval_iters={args.eval_iters}",
         f"optim.lr={job.lr}", f"optim.min_lr={job.lr / 10}", f"optim.warmup_steps={max(steps // 10, 1)}",
+        f"optim.clip_grad={args.clip_grad}",
         "data.synthetic=false", f"data.prefixes=[{prefix}]", f"data.split={args.split}",
         "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={tokenizer}",
         f"checkpoint.dir={run_dir}", f"checkpoint.interval={max(steps // 2, 1)}", "checkpoint.keep=1",

@@ -250,13 +250,18 @@ def _spikes(run: Run, kind: str) -> list[int]:
 SPIKE_MARKERS = ("X", "^", "s", "D", "v", "P")  # one per colour: two models' spikes differ in shape too
 
 
+def _spike_markers(styles: list[dict]) -> dict:
+    colours = dict.fromkeys(s["color"] for s in styles)
+    return {c: SPIKE_MARKERS[i % len(SPIKE_MARKERS)] for i, c in enumerate(colours)}
+
+
 def loss_plot(runs: list[Run], path: Path) -> Drawn:
     """Training loss (and valid_loss, dashed) of every run: one panel per learning rate, one colour per
     model, seeds as thin lines; loss spikes (the trainer's detector) marked on their own run's curve."""
     fig, panels = _lr_panels(runs, "Loss")
     drawn: Drawn = []
     styles = curve_styles(runs)
-    markers = {c: SPIKE_MARKERS[i % len(SPIKE_MARKERS)] for i, c in enumerate(dict.fromkeys(s["color"] for s in styles))}
+    markers = _spike_markers(styles)
     for run, style in zip(runs, styles):
         ax = panels[run.lr]
         steps, losses = run.series("loss")
@@ -297,7 +302,7 @@ def grad_plot(runs: list[Run], path: Path, curve_runs: list[Run] | None = None) 
     drawn_right: Drawn = []
     everyone = runs + (curve_runs or [])
     styles = curve_styles(everyone)
-    markers = {c: SPIKE_MARKERS[i % len(SPIKE_MARKERS)] for i, c in enumerate(dict.fromkeys(s["color"] for s in styles))}
+    markers = _spike_markers(styles)
     lrs = sorted({r.lr for r in everyone}, key=lambda x: (x is None, x or 0))
     dashes = {lr: ("-", "--", ":", "-.")[i % 4] for i, lr in enumerate(lrs)}  # one line style per learning rate
     multi_lr = len(lrs) > 1

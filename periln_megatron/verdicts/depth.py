@@ -73,7 +73,7 @@ def _describe(name: str, g: dict) -> str:
 
 
 def _jump_sentence(name: str, g: dict) -> str:
-    where = f"layer {g['jump_layer']}'s {g['jump_sublayer']} write" if g["jump_sublayer"] else f"layer {g['jump_layer']}"
+    where = f"layer {g['jump_layer']}" + (f"'s {g['jump_sublayer']} write" if g["jump_sublayer"] else "")
     rms = f" (output RMS {g['jump_rms']:.3g})" if g["jump_rms"] is not None else ""
     return f"{name}'s variance is one layer's jump: {where}{rms} adds {g['jump_share']:.0%} of it"
 
