@@ -128,10 +128,11 @@ def stability_table(runs: list[RunSummary]) -> list[str]:
         f = run_figures(r)
         status = r.status + (f" ({r.message})" if r.message else "")
         fp16 = " (above fp16's 65504)" if f["fp16"] else ""
+        above = "diverged" if r.status == "diverged" else f"{f['above']} of {f['after']}"
         recovered = "-" if not f.get("excursion") else (f["recovered"] if f["recovered"] is not None else "never")
         spikes = (f"{sum('loss' in m for _, m in r.spikes)} / {sum('grad_norm' in m for _, m in r.spikes)}")
         lines.append(f"| {r.label} | {r.lr:g} | {r.seed} | {r.steps} | {status} | {_g(r.train_loss, '.4f')} | "
-                     f"{_g(r.valid_loss, '.4f')} | {f['above']:g} of {f['after']} | {_g(f['peak'], '.4g')} "
+                     f"{_g(r.valid_loss, '.4f')} | {above} | {_g(f['peak'], '.4g')} "
                      f"({f.get('peak_step') or '-'}) | {recovered} | {_g(f['spike'])} ({f['spike_step'] or '-'}) | "
                      f"{_g(r.peak_act, '.4g')}{fp16} | {spikes} | "
                      f"{fmt_time(r.wall_s) if r.wall_s else 'n/a'} / {fmt_time(r.cpu_s) if r.cpu_s else 'n/a'} |")

@@ -167,12 +167,16 @@ class Trainer:
                 self._finish(ended)
 
     def progress(self, job: Job, running: list[Job], pending: list[Job]) -> None:
-        """One line per step logged since the last look at the job's metrics.jsonl."""
+        """A line for each step logged since the last look at the job's metrics.jsonl that is one of about 20
+        a run (every step is logged), an evaluation or a spike."""
+        every = max(job.steps // 20, 1)
         for step, record in run_metrics(job.run_dir).items():
             if step > job.step and isinstance(record.get("loss"), (int, float)):
                 job.step = step
-                if step % max(job.steps // 20, 1) and "valid_loss" not in record and not record.get("spike"):
-                    continue  # every step is logged; about 20 progress lines a run are shown
+                shown = step % every == 0 or "valid_loss" in record or record.get("spike")
+            else:
+                shown = False
+            if shown:
                 print(f"  {job.title}: step {step}/{job.steps}, loss {record['loss']:.4f}"
                       + (f", valid {record['valid_loss']:.4f}" if "valid_loss" in record else "")
                       + (" SPIKE" if record.get("spike") else "") + f" | ETA {self.eta(job, running, pending)}",
