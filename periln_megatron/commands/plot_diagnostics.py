@@ -10,9 +10,11 @@ and `model.placement` label the run). Writes into --out:
                           |gain| of the output norms (Peri-LN), per layer, at the last measured step
   fp16_headroom.png       max |activation| and the largest per-token sum of squares per layer, against
                           fp16's largest value 65504, at the last measured step
-  loss.png                training loss per step, and valid_loss where present; spikes marked
-  grad_norm.png           global grad norm per step, and per-layer grad norm at the last measured step
-                          (layer 0: the embedding)
+  loss.png                training loss per step, and valid_loss where present: one panel per learning
+                          rate, one colour per model (seeds as thin lines); loss spikes marked on their
+                          own run's curve
+  grad_norm.png           global grad norm per step (grad-norm spikes marked on their own run's curve), and
+                          per-layer grad norm at the last measured step (layer 0: the embedding)
 
 The per-layer plots need a run trained with `diagnostics.interval > 0`; runs without diagnostics
 still get loss and grad-norm curves. Runs logged before layer 0 was measured (lists of num_layers
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="a trainer run directory (metrics.jsonl + recipe.yaml); give several to overlay them")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs (created if needed)")
+    parser.add_argument("--curves-also", nargs="+", default=[], metavar="RUN_DIR",
+                        help="more runs (other seeds, learning rates) drawn only in the plots over steps: loss.png "
+                             "and grad_norm.png's grad norm over steps")
     parser.add_argument("--steps", type=int, default=4, metavar="N",
                         help="how many measured steps the depth plots show per run (default 4: first to last)")
     args = parser.parse_args(argv)
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from periln_megatron.training.plots import PlotError, plot_runs
 
     try:
-        written = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.steps)
+        written = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.steps,
+                            [Path(d) for d in args.curves_also])
     except PlotError as e:
         if os.environ.get("PERILN_DEBUG"):
             raise

@@ -10,8 +10,10 @@
 4. real megatron-core parallelism: Peri-LN's final checkpoint, resharded to PP=2 over 2 processes,
    must evaluate to the validation loss the single process measured;
 5. validation losses, per-layer diagnostics from layer 0 (the embedding output) on, plots, and report.md:
-   which of the paper's findings this run reproduces and which it does not, computed from the run;
-6. the Peri-LN checkpoint exported to Hugging Face, loaded with stock transformers, sampled greedily.
+   a verdict per paper finding (shown, not shown: within the noise, or contradicted) with the statistic
+   it follows from, per-run stability figures, and the machine's matmul throughput;
+6. an export check: the Peri-LN checkpoint exported to Hugging Face, loaded with stock transformers,
+   sampled greedily, and the prompt's document checked for near-copies in the training text.
 
 Everything lands in --out (relative to the current directory). Re-running resumes: finished stages and
 runs are kept, an unfinished run continues from its checkpoint. --fresh starts over. The budget: the
@@ -23,5 +25,6 @@ from any directory.
 
 # The rooms: corpus.py (text, held-back documents, tokenizer, indexed dataset), runner.py (the training
 # processes, --jobs at a time, and the parallelism check), summary.py (one run directory's numbers),
-# findings.py (one function per paper finding), sample.py (HF export, greedy sample), report.py
-# (report.md, summary.json), __main__.py (the command line).
+# findings.py (one function per paper finding; the judging is periln_megatron/verdicts/), sample.py (HF
+# export, greedy sample), machine.py (the GEMM benchmark), report.py (report.md, summary.json),
+# __main__.py (the command line).

@@ -86,6 +86,10 @@ def build_corpus(out: Path, inputs: list[str] | None) -> tuple[Path, Path]:
 PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*[.,;:]?")
 
 
+def heldout_document(heldout: Path, number: int) -> str:
+    return json.loads(heldout.read_text(encoding="utf-8").splitlines()[number])["text"]
+
+
 def sample_prompt(heldout: Path, words: int = PROMPT_WORDS) -> tuple[str, str, int]:
     """(prompt, what the document says next, document number): the first `words` words of the first
     held-back document that begins with that many plain words (letters, no code), else of the first
@@ -97,6 +101,31 @@ def sample_prompt(heldout: Path, words: int = PROMPT_WORDS) -> tuple[str, str, i
     plain = [n for n in long_enough if all(PLAIN_WORD.fullmatch(w) for w in docs[n][:words])]
     n = (plain or long_enough)[0]
     return " ".join(docs[n][:words]), " ".join(docs[n][words:words + 16]), n
+
+
+NEAR_DUPLICATE_N = 8  # word n-grams shared with a training document
+
+
+def _ngrams(text: str, n: int) -> set:
+    words = text.split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def near_duplicates(doc: str, corpus: Path, n: int = NEAR_DUPLICATE_N) -> dict:
+    """How much of `doc` the training text already holds: the share of its word n-grams found in the
+    single most similar document of `corpus` (jsonl), that document's number (from 0), and the share
+    found anywhere in it. No n-gram (a document under n words): shares None."""
+    grams = _ngrams(doc, n)
+    best, where, seen = 0, None, set()
+    if grams:
+        for number, line in enumerate(corpus.read_text(encoding="utf-8").splitlines()):
+            shared = grams & _ngrams(json.loads(line)["text"], n)
+            seen |= shared
+            if len(shared) > best:
+                best, where = len(shared), number
+    total = len(grams)
+    return {"n": n, "ngrams": total, "share": best / total if total else None, "doc": where,
+            "anywhere": len(seen) / total if total else None}
 
 
 @dataclass

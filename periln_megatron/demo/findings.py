@@ -1,32 +1,30 @@
-"""Which of the paper's findings a demo's runs reproduce: one function per finding, each returning a
-Finding (or None where the runs cannot speak to it), all computed from the run summaries."""
+"""What a demo's runs show of the paper's findings: one function per finding, each returning a Finding
+(or None where the runs cannot speak to it). The judging is periln_megatron/verdicts/ (pure functions of
+numbers, shared with any other report); here the runs are picked and the numbers handed over."""
 
 from __future__ import annotations
 
 import math
-import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from periln_megatron.demo.summary import LABEL, PLACEMENTS, RunSummary
+from periln_megatron.demo.summary import PLACEMENTS, RunSummary
+from periln_megatron.verdicts import NOT_SHOWN
+from periln_megatron.verdicts.depth import concentration, growth_shape, massive_activations, variance_growth
+from periln_megatron.verdicts.losses import best_lr_loss, loss_difference, lr_sensitivity, seed_variance
+from periln_megatron.verdicts.stability import run_stability, stability
 
-# What "far more", "equal" and "unstable" mean in the findings.
-FAR_MORE = 10.0          # Pre-LN's figure at least 10x Peri-LN's
-LOSS_TOLERANCE = 0.02    # nats: validation losses closer than this are called equal (one seed)
 NO_LAYERS = "no per-layer measurement of both models (a run diverged?)"
 
 
 @dataclass
 class Finding:
     name: str
-    status: str       # reproduced | not reproduced | partly | not shown
-    evidence: str     # a sentence of measured numbers
+    status: str       # shown | not shown | contradicted (periln_megatron/verdicts/)
+    evidence: str     # the statistic the status follows from, in measured numbers
+    values: dict = field(default_factory=dict)
 
     def line(self) -> str:
         return f"- **{self.name}: {self.status}.** {self.evidence}"
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else math.inf
 
 
 def peak(run: RunSummary) -> dict | None:
@@ -61,221 +59,154 @@ def _curves(peri: RunSummary | None, pre: RunSummary | None) -> str:
             f"{len(both)} evaluations" + (f" (steps {', '.join(map(str, lower))})." if lower else "."))
 
 
-def _other_lrs(runs: list[RunSummary], lr: float, what: str) -> str:
-    """The same comparison at the other learning rates tried (first seed), for the evidence; the verdict
-    is the main learning rate's."""
-    parts = []
-    for x in sorted({r.lr for r in runs if not math.isclose(r.lr, lr)}):
-        pair = {p: min((r for r in runs if r.placement == p and math.isclose(r.lr, x)), key=lambda r: r.seed,
-                       default=None) for p, _ in PLACEMENTS}
-        if None in pair.values():
-            continue
-        if what == "variance":
-            vp, vq = pair["peri"].layer("layer_variance"), pair["pre"].layer("layer_variance")
-            if vp and vq and vp[-1] and vq[-1]:
-                parts.append(f"lr {x:g}: {vq[-1]:.3g} against {vp[-1]:.3g} ({_ratio(vq[-1], vp[-1]):.3g}x)")
-        else:
-            kp, kq = peak(pair["peri"]), peak(pair["pre"])
-            if kp and kq:
-                parts.append(f"lr {x:g}: Pre-LN {kq['value']:.4g}, Peri-LN {kp['value']:.4g} "
-                             f"({_ratio(kq['value'], kp['value']):.3g}x)")
-    if not parts:
-        return ""
-    return f" At the other learning rates (the verdict is lr {lr:g}'s): {'; '.join(parts)}."
-
-
-def _loss_verdict(peri: float, pre: float, tol: float) -> tuple[str, str]:
-    """(status, sentence end) for "Peri-LN's loss is equal or lower", within `tol` nats."""
-    if peri < pre - tol:
-        return "reproduced", f", lower by more than the tolerance {tol:.3f}."
-    if peri <= pre + tol:
-        return "reproduced", f", equal within the tolerance {tol:.3f} (not lower)."
-    return "not reproduced", f", higher by more than the tolerance {tol:.3f}."
-
-
-def loss_tolerance(peri: list[RunSummary], pre: list[RunSummary]) -> float:
-    """LOSS_TOLERANCE, or with several seeds twice the larger seed-to-seed standard deviation if that is more."""
-    spreads = [statistics.stdev(x) for x in ([r.valid_loss for r in peri if r.valid_loss is not None],
-                                             [r.valid_loss for r in pre if r.valid_loss is not None]) if len(x) >= 2]
-    return max([LOSS_TOLERANCE] + [2 * s for s in spreads])
-
-
-def _loss(x: float) -> str:
-    return "diverged" if x == math.inf else f"{x:.4f}"
-
-
-
 def main_runs(runs: list[RunSummary], lr: float) -> tuple[dict, dict]:
     """({placement: its runs at `lr`, all seeds}, {placement: the first seed's run at `lr` or None})."""
     at = {p: [r for r in runs if r.placement == p and math.isclose(r.lr, lr)] for p, _ in PLACEMENTS}
     return at, {p: min(at[p], key=lambda r: r.seed) if at[p] else None for p, _ in PLACEMENTS}
 
 
+def _pairs(runs: list[RunSummary]) -> list[tuple[float, int, RunSummary, RunSummary]]:
+    """(lr, seed, Peri-LN run, Pre-LN run) for every learning rate and seed both models have."""
+    pre = {(round(r.lr, 12), r.seed): r for r in runs if r.placement == "pre"}
+    return sorted(((r.lr, r.seed, r, pre[(round(r.lr, 12), r.seed)]) for r in runs
+                   if r.placement == "peri" and (round(r.lr, 12), r.seed) in pre), key=lambda t: (t[0], t[1]))
+
+
+def _shape(run: RunSummary) -> dict | None:
+    return growth_shape(run.layer("layer_variance"), run.layer("attn_out_rms"), run.layer("mlp_out_rms"))
+
+
+def _concentration(run: RunSummary) -> dict | None:
+    return concentration(run.layer("layer_variance"), run.layer("layer_max_abs"), run.layer("layer_top_dims"))
+
+
+def _others(runs: list[RunSummary], main: tuple[float, int], figure) -> str:
+    """`figure(peri, pre)` (a short string or None) for every other (lr, seed) pair, reported, not judged."""
+    parts = [f"lr {lr:g} seed {seed}: {text}" for lr, seed, p, q in _pairs(runs)
+             if (lr, seed) != main and (text := figure(p, q))]
+    return f" The other runs (not judged): {'; '.join(parts)}." if parts else ""
+
+
 def variance_finding(runs: list[RunSummary], lr: float) -> Finding:
-    """Variance growth with depth (first seed at `lr`)."""
+    """The shape of the variance's growth with depth from layer 1 (first seed at `lr`)."""
     peri, pre = main_runs(runs, lr)[1].values()
-    name = "Pre-LN's hidden-state variance grows far more with depth than Peri-LN's"
-    vp, vq = (peri.layer("layer_variance") if peri else []), (pre.layer("layer_variance") if pre else [])
-    if len(vp) < 2 or len(vq) < 2 or None in (vp[0], vp[-1], vq[0], vq[-1]):
-        return Finding(name, "not shown", NO_LAYERS)
-    last = _ratio(vq[-1], vp[-1])
-    growth_pre, growth_peri = _ratio(vq[-1], vq[0]), _ratio(vp[-1], vp[0])
-    growth = _ratio(growth_pre, growth_peri)
-    evidence = (f"At layer {len(vq) - 1} Pre-LN's variance is {vq[-1]:.3g} against Peri-LN's {vp[-1]:.3g} "
-                f"({last:.3g}x); from layer 0 (the embedding output) it grows {growth_pre:.3g}x against "
-                f"{growth_peri:.3g}x ({growth:.3g}x).")
-    if last >= FAR_MORE and growth >= FAR_MORE:
-        status = "reproduced"
-    elif last <= 1 or growth <= 1:
-        status = "not reproduced"
-    else:
-        status = "partly"
-        evidence += f" Same direction, but not {FAR_MORE:g}x in both."
-    return Finding(name, status, evidence + _other_lrs(runs, lr, "variance"))
+    name = "Pre-LN's hidden-state variance grows far more (exponentially) with depth than Peri-LN's"
+    sp, sq = (_shape(peri) if peri else None), (_shape(pre) if pre else None)
+    if sp is None or sq is None:
+        return Finding(name, NOT_SHOWN, NO_LAYERS)
+    verdict = variance_growth(sq, sp)
+
+    def growth(p, q):
+        a, b = _shape(p), _shape(q)
+        return f"growth from layer 1 Pre-LN {b['growth']:.3g}x, Peri-LN {a['growth']:.3g}x" if a and b else None
+
+    return Finding(name, verdict.status, f"Seed {peri.seed}, lr {lr:g}: {verdict.statistic}"
+                   + _others(runs, (peri.lr, peri.seed), growth), verdict.values)
 
 
 def massive_activation_finding(runs: list[RunSummary], lr: float) -> Finding:
-    """The largest activation of the residual stream (first seed at `lr`)."""
+    """Outlier concentration of the largest activations (first seed at `lr`)."""
     peri, pre = main_runs(runs, lr)[1].values()
-    name = "Pre-LN develops massive activations, Peri-LN keeps them bounded"
-    kp, kq = (peak(peri) if peri else None), (peak(pre) if pre else None)
-    if kp is None or kq is None:
-        return Finding(name, "not shown", NO_LAYERS)
-    ratio = _ratio(kq["value"], kp["value"])
-    evidence = (f"Largest |activation|: Pre-LN {kq['value']:.4g} (layer {kq['layer']}), Peri-LN {kp['value']:.4g} "
-                f"(layer {kp['layer']}), {ratio:.3g}x.")
-    if ratio >= FAR_MORE:
-        status = "reproduced"
-    elif ratio <= 1:
-        status = "not reproduced"
-    else:
-        status = "partly"
-        evidence += f" Same direction, but less than {FAR_MORE:g}x."
-    return Finding(name, status, evidence + _other_lrs(runs, lr, "max_abs"))
+    name = "Pre-LN develops massive (concentrated outlier) activations, Peri-LN does not"
+    cp, cq = (_concentration(peri) if peri else None), (_concentration(pre) if pre else None)
+    if cp is None or cq is None:
+        return Finding(name, NOT_SHOWN, NO_LAYERS)
+    verdict = massive_activations(cq, cp)
+
+    def conc(p, q):
+        a, b = _concentration(p), _concentration(q)
+        if not (a and b):
+            return None
+        share = (f", top-dimension share {b['top_share']:.1%} / {a['top_share']:.1%}"
+                 if a["top_share"] and b["top_share"] else "")
+        return f"max|act|/std Pre-LN {b['max_over_std']:.3g}, Peri-LN {a['max_over_std']:.3g}{share}"
+
+    return Finding(name, verdict.status, f"Seed {peri.seed}, lr {lr:g}: {verdict.statistic}"
+                   + _others(runs, (peri.lr, peri.seed), conc), verdict.values)
+
+
+def _loss(r: RunSummary) -> float | None:
+    """The final validation loss; math.inf for a diverged run; None for one without either."""
+    if r.status == "diverged":
+        return math.inf
+    return r.valid_loss
 
 
 def loss_finding(runs: list[RunSummary], lr: float) -> Finding:
-    """The final validation loss at the same learning rate (the mean over seeds)."""
+    """The final validation loss at `lr`, means over seeds, tolerance from their spread."""
     at, main = main_runs(runs, lr)
-    name = f"Peri-LN reaches an equal or lower validation loss (lr {lr:g})"
-    lp = [r.valid_loss for r in at["peri"] if r.valid_loss is not None]
-    lq = [r.valid_loss for r in at["pre"] if r.valid_loss is not None]
+    name = f"Peri-LN reaches a lower validation loss (lr {lr:g})"
+    lp = [x for x in map(_loss, at["peri"]) if x is not None]
+    lq = [x for x in map(_loss, at["pre"]) if x is not None]
     if not lp or not lq:
-        diverged = [LABEL[p] for p, _ in PLACEMENTS if any(r.status == "diverged" for r in at[p])]
-        return Finding(name, "not shown", f"no final validation loss from {' and '.join(diverged) or 'a run'} "
-                                          "(diverged)")
-    tol = loss_tolerance(at["peri"], at["pre"])
-    mp, mq = statistics.mean(lp), statistics.mean(lq)
-    seeds = f" (mean of {len(lp)} / {len(lq)} seeds)" if max(len(lp), len(lq)) > 1 else ""
-    evidence = f"Peri-LN {mp:.4f}, Pre-LN {mq:.4f}{seeds}: Peri-LN is {mp - mq:+.4f} nats"
-    status, verdict = _loss_verdict(mp, mq, tol)
-    return Finding(name, status, evidence + verdict + _curves(main["peri"], main["pre"]))
+        return Finding(name, NOT_SHOWN, "no final validation loss of both models")
+    verdict = loss_difference(lp, lq)
+    return Finding(name, verdict.status, verdict.statistic + _curves(main["peri"], main["pre"]), verdict.values)
 
 
-def stability_finding(runs: list[RunSummary], lr: float) -> Finding:
-    """Divergence and loss spikes over every learning rate tried."""
-    name = "Pre-LN is less stable (divergence, loss spikes) where Peri-LN trains fine"
-    lrs = sorted({r.lr for r in runs})
-    worse, better = [], []  # learning rates where only Pre-LN / only Peri-LN was unstable
-    for x in lrs:
-        p = [r for r in runs if r.placement == "peri" and math.isclose(r.lr, x)]
-        q = [r for r in runs if r.placement == "pre" and math.isclose(r.lr, x)]
-        if not p or not q:
-            continue
-        if any(r.unstable for r in q) and not any(r.unstable for r in p):
-            worse.append(x)
-        if any(r.unstable for r in p) and not any(r.unstable for r in q):
-            better.append(x)
-
-    def events(p):
-        rs = [r for r in runs if r.placement == p]
-        return (f"{LABEL[p]}: {sum(r.status == 'diverged' for r in rs)} diverged, "
-                f"{sum(len(r.loss_spikes) for r in rs)} loss spikes, {sum(len(r.grad_spikes) for r in rs)} "
-                f"grad-norm spikes")
-
-    evidence = f"Over {len(runs)} runs at lr {', '.join(f'{x:g}' for x in lrs)}: {events('peri')}; {events('pre')}."
-    if worse and not better:
-        status = "reproduced"
-        evidence += f" Only Pre-LN was unstable at lr {', '.join(f'{x:g}' for x in worse)}."
-    elif better and not worse:
-        status = "not reproduced"
-        evidence += f" Only Peri-LN was unstable at lr {', '.join(f'{x:g}' for x in better)}."
-    elif worse and better:
-        status = "not reproduced"
-        evidence += (f" Mixed: only Pre-LN unstable at lr {', '.join(f'{x:g}' for x in worse)}, only Peri-LN at "
-                     f"{', '.join(f'{x:g}' for x in better)}.")
-    else:
-        status = "not shown"
-        evidence += " Neither model diverged or spiked where the other did not" + (
-            "; try a learning-rate sweep (--sweep)." if len(lrs) == 1 else ".")
-    return Finding(name, status, evidence)
-
-
-def _sweep(runs: list[RunSummary], lr: float) -> tuple[str, list[float], dict] | None:
-    """With runs at more than one learning rate (same steps, first seed): (where, the learning rates both
-    models have, {placement: {lr: validation loss, inf where diverged}}), else None."""
+def _by_lr(runs: list[RunSummary], lr: float) -> tuple[dict, dict] | None:
+    """With runs at another learning rate than `lr`: ({lr: [loss per seed]} of Peri-LN, of Pre-LN) over
+    the runs as long as the sweep's (--sweep-steps may differ from --steps)."""
     others = [r for r in runs if not math.isclose(r.lr, lr)]
     if not others:
         return None
-    steps, seed = others[0].steps, min(r.seed for r in runs)
-    pool = [r for r in runs if r.steps == steps and r.seed == seed]
-    lrs = sorted({r.lr for r in pool})
-    loss = {p: {r.lr: (r.valid_loss if r.valid_loss is not None else math.inf) for r in pool if r.placement == p}
-            for p, _ in PLACEMENTS}
-    lrs = [x for x in lrs if x in loss["peri"] and x in loss["pre"]]
-    if len(lrs) < 2:
-        return None
-    return f"{steps}-step runs at lr {', '.join(f'{x:g}' for x in lrs)}", lrs, loss
+    tables = tuple({} for _ in PLACEMENTS)
+    for r in runs:
+        if r.steps == others[0].steps and _loss(r) is not None:
+            tables[0 if r.placement == "peri" else 1].setdefault(r.lr, []).append(_loss(r))
+    return tables if len(set(tables[0]) & set(tables[1])) >= 2 else None
 
 
 def best_lr_finding(runs: list[RunSummary], lr: float) -> Finding | None:
-    """The validation loss of each model at its best learning rate of the sweep."""
-    sweep = _sweep(runs, lr)
-    if sweep is None:
+    """Each model's mean validation loss at its best learning rate."""
+    tables = _by_lr(runs, lr)
+    if tables is None:
         return None
-    where, lrs, loss = sweep
-    best = {p: min(lrs, key=lambda x: loss[p][x]) for p, _ in PLACEMENTS}
-    bp, bq = loss["peri"][best["peri"]], loss["pre"][best["pre"]]
-    name = "Peri-LN reaches an equal or lower validation loss, each model at its best learning rate"
-    evidence = (f"Over the {where}: Peri-LN {_loss(bp)} (lr {best['peri']:g}), Pre-LN {_loss(bq)} "
-                f"(lr {best['pre']:g}): Peri-LN is {bp - bq:+.4f} nats")
-    status, verdict = _loss_verdict(bp, bq, LOSS_TOLERANCE)
-    return Finding(name, status, evidence + verdict)
+    verdict = best_lr_loss(*tables)
+    return Finding("Peri-LN reaches a lower validation loss, each model at its best learning rate", verdict.status,
+                   verdict.statistic, verdict.values)
 
 
 def lr_sensitivity_finding(runs: list[RunSummary], lr: float) -> Finding | None:
-    """The range of the validation loss over the sweep's learning rates (a diverged run: unbounded)."""
-    sweep = _sweep(runs, lr)
-    if sweep is None:
+    """The range of each model's validation loss over the learning rates (a diverged run: unbounded)."""
+    tables = _by_lr(runs, lr)
+    if tables is None:
         return None
-    where, lrs, loss = sweep
-    spread = {p: max(loss[p][x] for x in lrs) - min(loss[p][x] for x in lrs) for p, _ in PLACEMENTS}
-    name = "Peri-LN is less sensitive to the learning rate"
-    cells = "; ".join(f"{LABEL[p]} " + ", ".join(f"{_loss(loss[p][x])}" for x in lrs) for p, _ in PLACEMENTS)
-    evidence = (f"Validation loss over the {where}: {cells}. Range: Peri-LN {_loss(spread['peri'])}, "
-                f"Pre-LN {_loss(spread['pre'])} nats.".replace("diverged nats", "unbounded (a run diverged)"))
-    if spread["peri"] < spread["pre"] - LOSS_TOLERANCE:
-        status = "reproduced"
-    elif spread["peri"] > spread["pre"] + LOSS_TOLERANCE:
-        status = "not reproduced"
-    else:
-        status = "not shown"
-        evidence += f" The ranges are equal within {LOSS_TOLERANCE:g}."
-    return Finding(name, status, evidence)
+    verdict = lr_sensitivity(*tables)
+    return Finding("Peri-LN is less sensitive to the learning rate", verdict.status, verdict.statistic, verdict.values)
 
 
 def seed_spread_finding(runs: list[RunSummary], lr: float) -> Finding | None:
-    """With several seeds at the main learning rate: the seed-to-seed spread of the validation loss."""
+    """With several seeds at the main learning rate: an F-test of the seed-to-seed variance."""
     at = main_runs(runs, lr)[0]
     values = {p: [r.valid_loss for r in at[p] if r.valid_loss is not None] for p, _ in PLACEMENTS}
     if min(len(v) for v in values.values()) < 2:
         return None
-    sd = {p: statistics.stdev(v) for p, v in values.items()}
-    name = "Peri-LN's validation loss varies less from seed to seed"
-    evidence = (f"Standard deviation over {len(values['peri'])} / {len(values['pre'])} seeds: Peri-LN "
-                f"{sd['peri']:.4f}, Pre-LN {sd['pre']:.4f} nats (so few seeds make this a weak test).")
-    status = "reproduced" if sd["peri"] < sd["pre"] else "not reproduced"
-    return Finding(name, status, evidence)
+    verdict = seed_variance(values["peri"], values["pre"])
+    return Finding("Peri-LN's validation loss varies less from seed to seed", verdict.status, verdict.statistic,
+                   verdict.values)
+
+
+def run_figures(run: RunSummary) -> dict:
+    """The stability figures of one run (periln_megatron/verdicts/stability.py's run_stability)."""
+    steps = [s for s, _ in run.train_curve]
+    grads = [g for _, g in (run.grad_curve or [])]
+    return run_stability(steps, [l for _, l in run.train_curve], grads, run.warmup, run.peak_act,
+                         run.status == "diverged")
+
+
+def stability_finding(runs: list[RunSummary], lr: float) -> Finding:
+    """Loss excursions after warm-up, divergences, grad-norm spike sizes and fp16 overflow, Peri-LN's runs
+    against Pre-LN's at each learning rate (all seeds)."""
+    groups: dict[float, tuple[list, list]] = {}
+    for r in sorted(runs, key=lambda r: r.seed):
+        key = next((x for x in groups if math.isclose(x, r.lr)), r.lr)
+        groups.setdefault(key, ([], []))[0 if r.placement == "peri" else 1].append(run_figures(r))
+    verdict = stability(groups)
+    diverged = {p: sum(r.status == "diverged" for r in runs if r.placement == p) for p, _ in PLACEMENTS}
+    text = verdict.statistic + f" Diverged: Peri-LN {diverged['peri']}, Pre-LN {diverged['pre']} runs."
+    return Finding("Pre-LN is less stable (loss excursions, divergence) where Peri-LN trains fine", verdict.status,
+                   text, verdict.values)
 
 
 FINDINGS = (variance_finding, massive_activation_finding, loss_finding, stability_finding, best_lr_finding,
@@ -283,6 +214,7 @@ FINDINGS = (variance_finding, massive_activation_finding, loss_finding, stabilit
 
 
 def classify(runs: list[RunSummary], lr: float) -> list[Finding]:
-    """Which of the paper's findings the runs reproduce. `runs`: every run (main, seeds, sweep); the
+    """What the runs show of the paper's findings. `runs`: every run (main, seeds, sweep); the
     comparison at `lr` uses the runs at that learning rate (all their seeds)."""
     return [f for f in (finding(runs, lr) for finding in FINDINGS) if f is not None]
+

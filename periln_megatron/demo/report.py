@@ -1,5 +1,5 @@
 """report.md and summary.json: the setting, warnings, the findings, per-layer tables, where the
-massive activations sit, losses and spikes, the parallelism check, plots and the HF sample."""
+massive activations sit, losses and stability per run, the parallelism check, plots and the export check."""
 
 from __future__ import annotations
 
@@ -8,23 +8,52 @@ from pathlib import Path
 
 from periln_megatron.demo.console import fmt_time
 from periln_megatron.demo.corpus import PROMPT_WORDS, CorpusStats
-from periln_megatron.demo.findings import FAR_MORE, Finding, peak
+from periln_megatron.demo.findings import Finding, peak, run_figures
+from periln_megatron.demo.machine import GEMM_SIZE
 from periln_megatron.demo.sample import SAMPLE_TOKENS
 from periln_megatron.demo.summary import PLACEMENTS, RunSummary
 
 OVERFIT_RISE = 0.02      # nats: a validation loss this far above its minimum has risen
 MAX_EPOCHS = 2.0
+NEAR_COPY = 0.5          # a training document holding half of the prompt document's 8-grams is a near-copy of it
 
-LONG_PRESET_HINT = ("`make demo DEMO_ARGS=\"--preset long\"` trains long enough for a non-degenerate sample "
-                    "(12 x 96, 3000 steps: about 17 minutes on 2 idle cores).")
+# --preset long: 3000 steps of 8 x 128 tokens, measured on the default corpus (docs/demo_search.md)
+LONG_PRESET_TOKENS = 3000 * 8 * 128
+LONG_PRESET_CORPUS_TOKENS = 366_086
+HOW_JUDGED = ("Each verdict is computed by periln_megatron/verdicts/ from the numbers printed after it: **shown** "
+              "when they favour the paper's claim beyond the stated margin or significance level, **contradicted** "
+              "when they point the other way beyond it, **not shown** otherwise (within the noise, or the noise is "
+              "unknown). Depth figures need a factor of 2 either way; losses a gap beyond 2 standard deviations of "
+              "the difference, from the measured seed-to-seed spread; the seed variance and stability tests "
+              "p <= 0.05.")
+
+
+def long_preset_hint(stats: CorpusStats, default_corpus: bool) -> str:
+    """The `--preset long` hint, saying which corpus it was measured on and, for another, how many epochs
+    it would be there."""
+    hint = ("`make demo DEMO_ARGS=\"--preset long\"` (12 x 96, 3000 steps of 8 x 128) gave a non-degenerate sample "
+            f"on the default corpus (the standard library's docstrings, {LONG_PRESET_CORPUS_TOKENS:,} training "
+            f"tokens at vocabulary 2000: {LONG_PRESET_TOKENS / LONG_PRESET_CORPUS_TOKENS:.1f} epochs; about 17 "
+            "minutes on 2 idle cores)")
+    if default_corpus:
+        return hint + "."
+    epochs = LONG_PRESET_TOKENS / max(stats.train_tokens, 1)
+    return hint + (f"; it was not measured on this corpus, where its {LONG_PRESET_TOKENS:,} tokens would be "
+                   f"{epochs:.1f} epochs of the {stats.train_tokens:,} training tokens.")
 
 
 def _g(x, spec=".3g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def warnings(runs: list[RunSummary], stats: CorpusStats, tokens_per_step: int) -> list[str]:
+def warnings(runs: list[RunSummary], stats: CorpusStats, tokens_per_step: int, eval_iters: int | None = None
+             ) -> list[str]:
     out = []
+    if eval_iters is not None and stats.valid_tokens < tokens_per_step * eval_iters:
+        out.append(f"The validation split ({stats.valid_tokens:,} tokens) is smaller than one evaluation pass "
+                   f"({eval_iters} x {tokens_per_step:,} = {eval_iters * tokens_per_step:,} tokens): its sequences "
+                   "are resampled to fill the pass, so some tokens count more than once and which ones depends on "
+                   "the seed. Give more text for a validation loss over distinct tokens.")
     for steps in sorted({r.steps for r in runs}):
         epochs = steps * tokens_per_step / max(stats.train_tokens, 1)
         if epochs > MAX_EPOCHS:
@@ -89,19 +118,73 @@ def activation_lines(run: RunSummary) -> list[str]:
     return [line]
 
 
+def stability_table(runs: list[RunSummary]) -> list[str]:
+    """Per run: the stability figures the stability verdict ranks and prints, and the trainer's spikes."""
+    lines = ["| run | lr | seed | steps | status | final train loss | final validation loss | steps above the "
+             "initial loss after warm-up | peak loss (step) | back below by step | largest grad norm / running "
+             "median (step) | max\\|act\\| over training | trainer's spikes (loss / grad norm) | wall / CPU time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        f = run_figures(r)
+        status = r.status + (f" ({r.message})" if r.message else "")
+        fp16 = " (above fp16's 65504)" if f["fp16"] else ""
+        above = "diverged" if r.status == "diverged" else f"{f['above']} of {f['after']}"
+        recovered = "-" if not f.get("excursion") else (f["recovered"] if f["recovered"] is not None else "never")
+        spikes = (f"{sum('loss' in m for _, m in r.spikes)} / {sum('grad_norm' in m for _, m in r.spikes)}")
+        lines.append(f"| {r.label} | {r.lr:g} | {r.seed} | {r.steps} | {status} | {_g(r.train_loss, '.4f')} | "
+                     f"{_g(r.valid_loss, '.4f')} | {above} | {_g(f['peak'], '.4g')} "
+                     f"({f.get('peak_step') or '-'}) | {recovered} | {_g(f['spike'])} ({f['spike_step'] or '-'}) | "
+                     f"{_g(r.peak_act, '.4g')}{fp16} | {spikes} | "
+                     f"{fmt_time(r.wall_s) if r.wall_s else 'n/a'} / {fmt_time(r.cpu_s) if r.cpu_s else 'n/a'} |")
+    return lines
+
+
+def export_check(sample: dict, stats: CorpusStats, default_corpus: bool) -> list[str]:
+    """The export check: the Hugging Face export generates, whether the sample is degenerate, the prompt
+    and how much of its document the training text already holds."""
+    lines = ["## Export check", "",
+             f"{sample['model']} from `{sample['dir']}/`, loaded with stock transformers. Prompt: the first "
+             f"{PROMPT_WORDS} words of document {sample['doc']} (counted from 0) of `heldout.jsonl`, the held-back "
+             f"documents (the first to start with {PROMPT_WORDS} plain words, or to be long enough if none does): "
+             f"{sample['prompt']!r}; the document goes on {sample['truth']!r}.", ""]
+    dup = sample.get("near_duplicate")
+    if dup and dup["share"] is not None:
+        found = (f"{dup['share']:.0%} of its {dup['ngrams']} word {dup['n']}-grams occur in training document "
+                 f"{dup['doc']} (counted from 0 in `corpus.jsonl`), {dup['anywhere']:.0%} somewhere in the training "
+                 "text" if dup["doc"] is not None else f"none of its {dup['ngrams']} word {dup['n']}-grams occurs in "
+                 "the training text")
+        verdict = (": a near-copy of the prompt's document was trained on, so the continuation can be recall"
+                   if dup["share"] >= NEAR_COPY else f" (under {NEAR_COPY:.0%} in any one document: no near-copy)"
+                   if dup["doc"] is not None else "")
+        lines += [f"Near-duplicate check of the prompt's document: {found}{verdict}.", ""]
+    elif dup:
+        lines += [f"Near-duplicate check: the prompt's document has fewer than {dup['n']} words, nothing to compare.",
+                  ""]
+    lines += [f"Greedy, {SAMPLE_TOKENS} new tokens (`</s>` ends a document; generation goes on past it): "
+              f"{sample['text']!r}", "",
+              "Non-degenerate: " + (f"no ({sample['degenerate']}). {long_preset_hint(stats, default_corpus)}"
+                                    if sample["degenerate"] else
+                                    f"yes: no token a third of the {sample['new_tokens']} new tokens, fewer than a "
+                                    "quarter of their 3-grams repeated, no loop of up to 4 tokens at the end."), ""]
+    return lines
+
+
 def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding], stats: CorpusStats,
                  sample: dict | None, check: dict | None, plots: list[Path], timing: dict) -> Path:
     tokens_per_step = args.batch * args.seq_length
     main = {p: next((r for r in runs if r.placement == p and r.run_dir.name == p), None) for p, _ in PLACEMENTS}
     peri, pre = main["peri"], main["pre"]
     seen = args.steps * tokens_per_step
+    gemm = timing.get("gemm_gflops")
     lines = ["# Peri-LN vs Pre-LN, in miniature", "",
              f"Corpus: {args.corpus_note}; {stats.documents} documents, {stats.tokens:,} tokens "
              f"(SentencePiece BPE, vocabulary {args.vocab_size}); training split {stats.train_tokens:,} tokens "
              f"in {stats.train_documents} documents, validation split {stats.valid_tokens:,} tokens.",
              f"Models: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
              f"({args.groups} KV groups), sequence length {args.seq_length}; lr {args.lr:g} (cosine to lr/10, "
-             f"warm-up {max(args.steps // 10, 1)} steps), same data order and initialisation seed for both.",
+             f"warm-up {max(args.steps // 10, 1)} steps), "
+             + (f"gradient clipping {args.clip_grad:g}" if args.clip_grad else "no gradient clipping")
+             + ", same data order and initialisation seed for both.",
              f"Training: {args.steps} steps of {args.batch} x {args.seq_length} = {tokens_per_step:,} tokens: "
              f"{seen:,} tokens seen, {seen / max(stats.train_tokens, 1):.2f} epochs over the training split.",
              f"Reference: a context-free model (the training split's unigram frequencies) scores "
@@ -112,21 +195,14 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
              + (f"The load average over the last 5 minutes was {timing['load_average']:g}, above the {timing['cores']} "
                 "cores: other processes competed for them, so the wall time is longer than on an idle machine."
                 if timing["load_average"] > timing["cores"] else
-                f"The load average over the last 5 minutes was {timing['load_average']:g}."), ""]
-    warn = warnings(runs, stats, tokens_per_step)
+                f"The load average over the last 5 minutes was {timing['load_average']:g}.")
+             + (f" Matmul throughput of this machine: {gemm:.1f} GFLOP/s (fp32 {GEMM_SIZE} x {GEMM_SIZE} GEMM, one "
+                "thread), to compare timings across machines." if gemm else ""), ""]
+    warn = warnings(runs, stats, tokens_per_step, getattr(args, "eval_iters", None))
     if warn:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warn] + [""]
-    lines += ["## What this run reproduces", "",
-              f"Computed from the measurements below (classify() in periln_megatron/demo/findings.py; \"far more\" means "
-              f"at least {FAR_MORE:g}x):", ""]
-    lines += [f.line() for f in findings]
-    if sample is not None:
-        lines.append(f"- **Peri-LN's export gives a non-degenerate greedy sample: "
-                     f"{'no' if sample['degenerate'] else 'yes'}.** "
-                     + (f"Degenerate: {sample['degenerate']}. {LONG_PRESET_HINT}" if sample["degenerate"] else
-                        f"{sample['new_tokens']} new tokens: no token a third of them, fewer than a quarter of "
-                        f"their 3-grams repeated, no loop of up to 4 tokens at the end."))
-    lines.append("")
+    lines += ["## What this run shows", "", HOW_JUDGED, ""]
+    lines += [f.line() for f in findings] + [""]
     if peri and pre:
         lines += [f"## Per layer, step {peri.measured_step} (Peri-LN) and {pre.measured_step} (Pre-LN)", "",
                   "Layer 0 is the embedding output; layer n the residual stream after layer n. Sublayer RMS: the "
@@ -134,19 +210,12 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
         lines += layer_table(peri, pre) + [""]
         lines += ["## Where the massive activations sit", ""]
         lines += activation_lines(pre) + activation_lines(peri) + [""]
-    lines += ["## Loss and spikes", "",
-              "Spikes: the loss or the global grad norm above 3x the median of the previous 50 steps (the trainer's "
-              "detector); a loss spike or a non-finite loss counts as instability, grad-norm spikes are listed.", "",
-              "| run | lr | seed | steps | status | final train loss | final validation loss | max\\|act\\| | spikes "
-              "| wall / CPU time |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        spikes = "; ".join(f"step {s}: {m}" for s, m in r.spikes) or "none"
-        status = r.status + (f" ({r.message})" if r.message else "")
-        maxes = [m for m in r.layer("layer_max_abs") if m is not None]
-        lines.append(f"| {r.label} | {r.lr:g} | {r.seed} | {r.steps} | {status} | {_g(r.train_loss, '.4f')} | "
-                     f"{_g(r.valid_loss, '.4f')} | {_g(max(maxes) if maxes else None, '.4g')} | {spikes} | "
-                     f"{fmt_time(r.wall_s) if r.wall_s else 'n/a'} / {fmt_time(r.cpu_s) if r.cpu_s else 'n/a'} |")
-    lines.append("")
+    lines += ["## Loss and stability per run", "",
+              "The loss after warm-up against the run's initial loss (the first logged step): how many steps were "
+              "above it, the peak and when the loss was back below it; the largest grad norm over the median of the "
+              "previous 50; the largest max|act| at any measured step. The trainer's spikes: the loss or grad norm "
+              "above 3x that running median.", ""]
+    lines += stability_table(runs) + [""]
     if check is not None and peri is not None and peri.valid_loss is not None:
         diff = abs(check["valid_loss"] - peri.valid_loss)
         agree = "agree" if diff <= 1e-4 * max(1.0, abs(peri.valid_loss)) else "DISAGREE"
@@ -156,16 +225,9 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
                   f"{peri.valid_loss:.6f} from the single training process ({agree}: difference {diff:.2g}).", ""]
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     if sample is not None:
-        lines += ["## Hugging Face export", "",
-                  f"{sample['model']} from `{sample['dir']}/`. Prompt: the first {PROMPT_WORDS} words of document "
-                  f"{sample['doc']} (counted from 0) of `heldout.jsonl`, the held-back documents, never trained on "
-                  f"(the first to start with {PROMPT_WORDS} plain words, or to be long enough if none does): "
-                  f"{sample['prompt']!r}; the "
-                  f"document goes on {sample['truth']!r}.", "",
-                  f"Greedy, {SAMPLE_TOKENS} new tokens (`</s>` ends a document; generation goes on past it): "
-                  f"{sample['text']!r}", ""]
+        lines += export_check(sample, stats, not getattr(args, "input", None))
     elif peri is not None:
-        lines += ["## Hugging Face export", "", f"Not exported: Peri-LN {peri.status} ({peri.message}).", ""]
+        lines += ["## Export check", "", f"Not exported: Peri-LN {peri.status} ({peri.message}).", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     summary = {"findings": [f.__dict__ for f in findings], "sample": sample, "parallel_check": check,
@@ -174,4 +236,3 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
                         for r in runs}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return report
-

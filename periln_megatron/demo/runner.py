@@ -89,12 +89,13 @@ def recipe_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Pat
         f"train.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.seed={job.seed}",
         f"train.eval_interval={max(steps // 5, 1)}", f"train.eval_iters={args.eval_iters}",
         f"optim.lr={job.lr}", f"optim.min_lr={job.lr / 10}", f"optim.warmup_steps={max(steps // 10, 1)}",
+        f"optim.clip_grad={args.clip_grad}",
         "data.synthetic=false", f"data.prefixes=[{prefix}]", f"data.split={args.split}",
         "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={tokenizer}",
         f"checkpoint.dir={run_dir}", f"checkpoint.interval={max(steps // 2, 1)}", "checkpoint.keep=1",
-        f"diagnostics.interval={max(steps // 10, 1)}", f"logging.interval={max(steps // 20, 1)}",
+        f"diagnostics.interval={max(steps // 10, 1)}", "logging.interval=1",
         "logging.tensorboard=false",
-    ]
+    ]  # every step logged: the stability figures count steps (a JSON line per step costs nothing here)
 
 
 
@@ -166,10 +167,16 @@ class Trainer:
                 self._finish(ended)
 
     def progress(self, job: Job, running: list[Job], pending: list[Job]) -> None:
-        """One line per step logged since the last look at the job's metrics.jsonl."""
+        """A line for each step logged since the last look at the job's metrics.jsonl that is one of about 20
+        a run (every step is logged), an evaluation or a spike."""
+        every = max(job.steps // 20, 1)
         for step, record in run_metrics(job.run_dir).items():
             if step > job.step and isinstance(record.get("loss"), (int, float)):
                 job.step = step
+                shown = step % every == 0 or "valid_loss" in record or record.get("spike")
+            else:
+                shown = False
+            if shown:
                 print(f"  {job.title}: step {step}/{job.steps}, loss {record['loss']:.4f}"
                       + (f", valid {record['valid_loss']:.4f}" if "valid_loss" in record else "")
                       + (" SPIKE" if record.get("spike") else "") + f" | ETA {self.eta(job, running, pending)}",

@@ -53,23 +53,13 @@ class RunSummary:
     layers: dict                     # the last measured step's per-layer lists
     wall_s: float | None = None      # the training process's wall and CPU time (demo_outcome.json)
     cpu_s: float | None = None
+    grad_curve: list = None          # [(step, grad_norm)] at the steps of train_curve (None where not logged)
+    warmup: int = 0                  # the learning-rate warm-up's steps (recipe optim.warmup_steps)
+    peak_act: float | None = None    # the largest max|act| of any layer at any measured step
 
     @property
     def label(self) -> str:
         return LABEL.get(self.placement, self.placement)
-
-    @property
-    def loss_spikes(self) -> list:
-        return [(s, m) for s, m in self.spikes if "loss" in m]
-
-    @property
-    def grad_spikes(self) -> list:
-        return [(s, m) for s, m in self.spikes if "grad_norm" in m]
-
-    @property
-    def unstable(self) -> bool:
-        """Clearly unstable: diverged (non-finite loss) or a loss spike (loss > spike_factor x running median)."""
-        return self.status == "diverged" or bool(self.loss_spikes)
 
     def layer(self, key: str) -> list:
         return self.layers.get(key) or []
@@ -86,6 +76,8 @@ def summarise_run(run_dir: Path) -> RunSummary:
     finals = [r["final_valid_loss"] for r in records.values() if "final_valid_loss" in r]
     measured = [s for s, r in records.items() if r.get("layer_variance")]
     tail = [l for _, l in train_curve[-5:]]
+    grads = [records[s].get("grad_norm") for s, _ in train_curve]
+    maxes = [m for r in records.values() for m in (r.get("layer_max_abs") or []) if isinstance(m, (int, float))]
     return RunSummary(
         run_dir=run_dir, placement=recipe["model"]["placement"], lr=float(recipe["optim"]["lr"]),
         seed=int(recipe["train"]["seed"]), steps=int(recipe["train"]["steps"]),
@@ -98,5 +90,7 @@ def summarise_run(run_dir: Path) -> RunSummary:
         measured_step=measured[-1] if measured else None,
         layers={k: v for k, v in records[measured[-1]].items() if isinstance(v, list)} if measured else {},
         wall_s=outcome.get("wall_s"), cpu_s=outcome.get("cpu_s"),
+        grad_curve=[(s, g if isinstance(g, (int, float)) else None) for (s, _), g in zip(train_curve, grads)],
+        warmup=int(recipe["optim"].get("warmup_steps") or 0), peak_act=max(maxes) if maxes else None,
     )
 

@@ -34,6 +34,9 @@ class Run:
         recipe = self._recipe(self.dir / "recipe.yaml")
         self.label = label or self._label(recipe, self.dir)
         self.num_layers = (recipe.get("model") or {}).get("num_layers")
+        self.placement = (recipe.get("model") or {}).get("placement")
+        self.lr = (recipe.get("optim") or {}).get("lr")
+        self.seed = (recipe.get("train") or {}).get("seed")
         self.records = self._records(self.dir / "metrics.jsonl")
 
     @staticmethod
@@ -215,51 +218,114 @@ def fp16_plot(runs: list[Run], path: Path) -> Drawn:
     return drawn
 
 
+def curve_styles(runs: list[Run]) -> list[dict]:
+    """Colour and line width of each run's curves over steps: one colour per placement when placement,
+    learning rate and seed tell the runs apart (seeds of one model then share its colour, thin lines),
+    else one colour per run."""
+    keys = [(r.placement, r.lr, r.seed) for r in runs]
+    by_placement = all(r.placement for r in runs) and len(set(keys)) == len(keys)
+    order = list(dict.fromkeys(r.placement for r in runs))
+    colours = [SOLID[order.index(r.placement) % len(SOLID)] if by_placement else SOLID[i % len(SOLID)]
+               for i, r in enumerate(runs)]
+    shared = {(c, r.lr): sum(1 for c2, r2 in zip(colours, runs) if (c2, r2.lr) == (c, r.lr))
+              for c, r in zip(colours, runs)}
+    return [{"color": c, "linewidth": 0.9 if shared[(c, r.lr)] > 1 else 1.6} for c, r in zip(colours, runs)]
+
+
+def _lr_panels(runs: list[Run], title: str, width: float = 6.0):
+    """One panel per learning rate (the runs' recipes), sharing the y axis: (fig, {lr: ax})."""
+    lrs = sorted({r.lr for r in runs}, key=lambda x: (x is None, x or 0))
+    fig, axes = plt.subplots(1, len(lrs), figsize=(width * len(lrs) ** 0.8 + 1, 4.5), sharey=True, squeeze=False)
+    panels = dict(zip(lrs, axes[0]))
+    for lr, ax in panels.items():
+        ax.set_title(title + (f", lr {lr:g}" if lr is not None and len(lrs) > 1 else ""))
+    return fig, panels
+
+
+def _spikes(run: Run, kind: str) -> list[int]:
+    """Steps whose trainer spike message names `kind` ("loss" or "grad_norm")."""
+    return [s for s, r in run.records.items() if kind in str(r.get("spike") or "")]
+
+
+SPIKE_MARKERS = ("X", "^", "s", "D", "v", "P")  # one per colour: two models' spikes differ in shape too
+
+
+def _spike_markers(styles: list[dict]) -> dict:
+    colours = dict.fromkeys(s["color"] for s in styles)
+    return {c: SPIKE_MARKERS[i % len(SPIKE_MARKERS)] for i, c in enumerate(colours)}
+
+
 def loss_plot(runs: list[Run], path: Path) -> Drawn:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Training loss (and valid_loss, dashed) of every run: one panel per learning rate, one colour per
+    model, seeds as thin lines; loss spikes (the trainer's detector) marked on their own run's curve."""
+    fig, panels = _lr_panels(runs, "Loss")
     drawn: Drawn = []
-    for i, run in enumerate(runs):
-        color = SOLID[i % len(SOLID)]
+    styles = curve_styles(runs)
+    markers = _spike_markers(styles)
+    for run, style in zip(runs, styles):
+        ax = panels[run.lr]
         steps, losses = run.series("loss")
+        seed = f" seed {run.seed}" if run.seed is not None else ""
         if steps:
-            _plot(ax, drawn, steps, losses, f"{run.label} train", color=color)
+            _plot(ax, drawn, steps, losses, f"{run.label}{seed} train", **style)
         vsteps, vlosses = run.series("valid_loss")
         if vsteps:
-            _plot(ax, drawn, vsteps, vlosses, f"{run.label} valid", color=color, linestyle="--", marker="s",
-                  markersize=3)
-        spikes = [s for s in steps if run.records[s].get("spike")]
+            _plot(ax, drawn, vsteps, vlosses, f"{run.label}{seed} valid", linestyle="--", marker="s", markersize=3,
+                  **style)
+        spikes = [s for s in _spikes(run, "loss") if isinstance(run.records[s].get("loss"), (int, float))]
         if spikes:
-            ax.scatter(spikes, [run.records[s]["loss"] for s in spikes], marker="x", color="red", zorder=3,
-                       label=f"{run.label} spikes")
+            ys = [run.records[s]["loss"] for s in spikes]
+            ax.scatter(spikes, ys, marker=markers[style["color"]], color=style["color"], edgecolors="black",
+                       zorder=3, label=f"{run.label}{seed} loss spikes")
+            drawn.append((f"{run.label}{seed} loss spikes", spikes, ys))
     if not drawn:
         plt.close(fig)
         return drawn
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax in panels.values():
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    next(iter(panels.values())).set_ylabel("loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
 
 
-def grad_plot(runs: list[Run], path: Path) -> Drawn:
+def grad_plot(runs: list[Run], path: Path, curve_runs: list[Run] | None = None) -> Drawn:
+    """Left: the global grad norm over steps of `runs` and `curve_runs` (every run, colours as
+    loss_plot, grad-norm spikes marked on their own run's curve); right: per-layer grad norm of `runs`
+    at the last measured step."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     drawn_left: Drawn = []
     drawn_right: Drawn = []
-    for i, run in enumerate(runs):
-        color = SOLID[i % len(SOLID)]
+    everyone = runs + (curve_runs or [])
+    styles = curve_styles(everyone)
+    markers = _spike_markers(styles)
+    lrs = sorted({r.lr for r in everyone}, key=lambda x: (x is None, x or 0))
+    dashes = {lr: ("-", "--", ":", "-.")[i % 4] for i, lr in enumerate(lrs)}  # one line style per learning rate
+    multi_lr = len(lrs) > 1
+    for run, style in zip(everyone, styles):
         steps, norms = run.series("grad_norm")
         finite = [(s, n) for s, n in zip(steps, norms) if n == n and n > 0]
+        name = run.label + (f" lr {run.lr:g}" if multi_lr and run.lr is not None else "") + (
+            f" seed {run.seed}" if curve_runs and run.seed is not None else "")
         if finite:
-            _plot(left, drawn_left, [s for s, _ in finite], [n for _, n in finite], run.label, color=color)
+            _plot(left, drawn_left, [s for s, _ in finite], [n for _, n in finite], name, linestyle=dashes[run.lr],
+                  **style)
+        spikes = [s for s in _spikes(run, "grad_norm") if isinstance(run.records[s].get("grad_norm"), (int, float))]
+        if spikes:
+            ys = [run.records[s]["grad_norm"] for s in spikes]
+            left.scatter(spikes, ys, marker=markers[style["color"]], color=style["color"], edgecolors="black",
+                         zorder=3, label=f"{name} grad-norm spikes")
+            drawn_left.append((f"{name} grad-norm spikes", spikes, ys))
+    for i, run in enumerate(runs):
         measured = run.measured("layer_grad_norm")
         if measured:
             step, values = measured[-1]
             values = _clean(values)
-            _plot(right, drawn_right, run.layers(values), values, f"{run.label}, step {step}", color=color,
+            _plot(right, drawn_right, run.layers(values), values, f"{run.label}, step {step}", color=styles[i]["color"],
                   marker="o", markersize=3)
     if not (drawn_left or drawn_right):
         plt.close(fig)
@@ -272,7 +338,7 @@ def grad_plot(runs: list[Run], path: Path) -> Drawn:
     for ax, drawn in ((left, drawn_left), (right, drawn_right)):
         if drawn:
             ax.set_yscale("log")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=6)
         else:
             ax.text(0.5, 0.5, "no data (diagnostics.interval = 0?)", ha="center", va="center",
                     transform=ax.transAxes)
@@ -284,10 +350,12 @@ def grad_plot(runs: list[Run], path: Path) -> Drawn:
     return drawn_left + drawn_right
 
 
-def plot_runs(run_dirs: list[Path], out: Path, steps: int = 4) -> list[Path]:
-    """Write every plot with data into `out` (created); the paths written. A plot without data is a
-    warning; PlotError when a run cannot be read or nothing could be drawn."""
+def plot_runs(run_dirs: list[Path], out: Path, steps: int = 4, curve_dirs: list[Path] = ()) -> list[Path]:
+    """Write every plot with data into `out` (created); the paths written. `curve_dirs`: more runs (other
+    seeds, learning rates) drawn only in the plots over steps (loss.png, grad_norm.png's left panel). A
+    plot without data is a warning; PlotError when a run cannot be read or nothing could be drawn."""
     runs = [Run(Path(d)) for d in run_dirs]
+    curves = [Run(Path(d)) for d in curve_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [
@@ -297,8 +365,8 @@ def plot_runs(run_dirs: list[Path], out: Path, steps: int = 4) -> list[Path]:
                                                       "Max activation vs depth", p, steps)),
         ("sublayers.png", lambda p: sublayer_plot(runs, p)),
         ("fp16_headroom.png", lambda p: fp16_plot(runs, p)),
-        ("loss.png", lambda p: loss_plot(runs, p)),
-        ("grad_norm.png", lambda p: grad_plot(runs, p)),
+        ("loss.png", lambda p: loss_plot(runs + curves, p)),
+        ("grad_norm.png", lambda p: grad_plot(runs, p, curves)),
     ]
     written = []
     for name, draw in plots:
