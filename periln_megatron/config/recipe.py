@@ -185,7 +185,9 @@ class StabilityConfig:
     ratio: float = 2.0  # ... and above this times the running mean
     act_on: str = "loss"  # which spikes trigger on_spike: loss (loss spikes only) | any (loss or grad norm)
     # What a spike does: log (record it, train on) | rollback (reload the newest checkpoint before it,
-    # skip the batches from there to the spike plus skip_margin, go on) | stop (exit 4, nothing saved)
+    # skip the batches from there to the spike plus skip_margin, go on) | stop (exit 4, nothing saved).
+    # Rollback costs up to checkpoint.interval steps of work and interval + skip_margin batches of data
+    # each: the trade-off against save time is in docs/stability.md.
     on_spike: str = "log"
     on_nonfinite: str = "stop"  # a NaN/Inf loss or grad norm: stop (exit 3, nothing saved) | rollback | log
     max_rollbacks: int = 3  # rollbacks allowed in the whole run; one more exits 5 without saving the spiked state
