@@ -6,7 +6,6 @@ param gather) at DP=2 and at TP=2."""
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
