@@ -115,7 +115,7 @@ def rolled_back(tmp_path_factory):
     return ckpt, out
 
 
-def test_injected_spike_and_nan_are_rolled_back_and_their_batches_skipped(rolled_back):
+def test_injected_spike_and_nan_are_rolled_back_and_their_batches_skipped(rolled_back, tmp_path):
     from periln_megatron.checkpoint.reader import TorchDistReader
 
     ckpt, out = rolled_back
@@ -134,6 +134,10 @@ def test_injected_spike_and_nan_are_rolled_back_and_their_batches_skipped(rolled
     reader = TorchDistReader(ckpt / "iter_0000016")
     weights = [k for k in reader.tensors if not k.startswith("optimizer")]
     assert len(weights) > 10 and all(bool(reader.read(k).float().isfinite().all()) for k in weights)
+    # the model card of the export counts them (read_events, beside read_metrics)
+    run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(tmp_path / "hf"), "--quiet"], timeout=180)
+    card = (tmp_path / "hf/README.md").read_text()
+    assert "| stability rollbacks | 2 (7 global batches skipped; last: step 11 back to 8) |" in card
 
 
 def test_kill_after_a_rollback_then_resume_gives_the_same_run(rolled_back, tmp_path):

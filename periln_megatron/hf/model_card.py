@@ -310,7 +310,8 @@ def render_card(*, recipe, recipe_yaml: str, arch: str, hf_config: dict, shape, 
         rows.append(("loss / grad-norm spikes flagged", f"{len(metrics.spikes)}"
                      + (f" (last: step {metrics.spikes[-1][0]:,}, {metrics.spikes[-1][1]})" if metrics.spikes else "")))
         if metrics.rollbacks:
-            skipped = sum(last - first + 1 for _, _, (first, last) in metrics.rollbacks)
+            skipped = sum(w[1] - w[0] + 1 for _, _, w in metrics.rollbacks
+                          if isinstance(w, list) and len(w) == 2 and all(_number(x) for x in w))
             rows.append(("stability rollbacks", f"{len(metrics.rollbacks)} ({skipped:,} global batches skipped; last: "
                          f"step {metrics.rollbacks[-1][0]:,} back to {metrics.rollbacks[-1][1]:,})"))
         else:
