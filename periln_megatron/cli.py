@@ -70,13 +70,16 @@ def _train_main(argv: list[str] | None) -> int:
     from periln_megatron.training import run_lock
     from periln_megatron.distributed import runtime
     from periln_megatron.exit_codes import EXIT_NONFINITE
-    from periln_megatron.training.loop import NonFiniteError, train
+    from periln_megatron.training.loop import NonFiniteError, StabilityStop, train
 
     try:
         return train(recipe, tokenizer, exit_after_minutes=args.exit_after_minutes)
     except NonFiniteError as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except StabilityStop as e:
+        print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except (CheckpointError, TokenIdError) as e:
         print(f"periln-train: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -125,6 +125,8 @@ def test_rank0_writes_one_offline_run_with_the_trainers_numbers(wandb_run):
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step"):
             assert row[key] == pytest.approx(record[key], rel=1e-12), (step, key)
         assert ("valid_loss" in row) == ("valid_loss" in record) == (step in (2, 4))
+        for key in ("spike_total", "spike_rate", "rollbacks"):  # the stability score, every step
+            assert row[key] == record[key], (step, key)
     assert history[4]["final_valid_loss"] == pytest.approx(expected[4]["final_valid_loss"], rel=1e-12)
     assert "skipped" not in history[1] and "spike" not in history[1]  # flags stay in metrics.jsonl
 

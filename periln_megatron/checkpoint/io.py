@@ -114,8 +114,10 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
 
 
 def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: str, keep: int,
-         async_queue=None, fmt: str = DEFAULT_CHECKPOINT_FORMAT) -> Path:
+         async_queue=None, fmt: str = DEFAULT_CHECKPOINT_FORMAT, extra: dict | None = None) -> Path:
     """Write one checkpoint on all ranks; then (rank 0) point the marker at it and prune old ones.
+
+    `extra`: more common (rank-agreed, picklable) state, e.g. {"stability": ...}; read back with read_common.
 
     With `async_queue` (megatron's AsyncCallsQueue, GPU) the tensors are written in the background and
     the marker moves when the queue finalizes the request. `fmt`: see CHECKPOINT_FORMATS and the module docstring.
@@ -141,6 +143,7 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
     state["iteration"] = iteration
     state["scheduler"] = scheduler.state_dict()
     state["layout"] = _layout()
+    state.update(extra or {})
 
     def finalize():
         torch.distributed.barrier()
@@ -218,6 +221,13 @@ def load(directory: Path, chunks, optimizer, scheduler, fmt: str = DEFAULT_CHECK
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return int(common.get("iteration", 0))
+
+
+def read_common(directory: Path) -> dict:
+    """A checkpoint's common (non-tensor) state: iteration, scheduler, layout and save()'s `extra`."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(directory))
 
 
 def load_weights_only(directory: Path, chunks) -> None:

@@ -40,6 +40,12 @@ RANGES = {
     "tokenizer.vocab_size": (lambda v: v >= 1, ">= 1"),
     "diagnostics.spike_window": (lambda v: v >= 1, ">= 1"),
     "diagnostics.spike_factor": (lambda v: v > 0, "> 0"),
+    "stability.window": (lambda v: v >= 2, ">= 2"),
+    "stability.min_history": (lambda v: v >= 2, ">= 2"),
+    "stability.zscore": (lambda v: v > 0, "> 0"),
+    "stability.ratio": (lambda v: v > 1, "> 1"),
+    "stability.lr_factor": (lambda v: v > 0, "> 0"),
+    "stability.max_lost_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 
 _SPLIT_PART = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*")

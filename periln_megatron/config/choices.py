@@ -22,6 +22,9 @@ DEFAULT_CHECKPOINT_FORMAT = "fully_parallel"
 ON_CORRUPT = ("fail", "previous")
 ON_SCHEDULE_CHANGE = ("refuse", "checkpoint", "recipe")
 
+STABILITY_ACTIONS = ("log", "rollback", "stop")
+SPIKE_ACT_ON = ("loss", "any")
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 # Megatron's names for a SentencePiece model (all load the same way here).

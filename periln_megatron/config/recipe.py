@@ -175,6 +175,36 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class StabilityConfig:
+    # A spike: a value whose z-score against the last `window` steps' finite, unflagged values is above
+    # `zscore` AND which exceeds `ratio` times their mean. Loss and grad norm are scored every step;
+    # every record gets loss_zscore, grad_norm_zscore, spike_total and spike_rate (docs/stability.md).
+    window: int = 50  # steps of the running mean and standard deviation
+    min_history: int = 10  # values in the window before any verdict
+    zscore: float = 6.0  # a spike is above this many standard deviations over the running mean ...
+    ratio: float = 2.0  # ... and above this times the running mean
+    act_on: str = "loss"  # which spikes trigger on_spike: loss (loss spikes only) | any (loss or grad norm)
+    # What a spike does: log (record it, train on) | rollback (reload the newest checkpoint before it,
+    # skip the batches from there to the spike plus skip_margin, go on) | stop (exit 4, nothing saved).
+    # Rollback costs up to checkpoint.interval steps of work and interval + skip_margin batches of data
+    # each: the trade-off against save time is in docs/stability.md.
+    on_spike: str = "log"
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or grad norm: stop (exit 3, nothing saved) | rollback | log
+    max_rollbacks: int = 3  # rollbacks allowed in the whole run; one more exits 5 without saving the spiked state
+    skip_margin: int = 0  # batches skipped after the spiked step's own batch
+    lr_factor: float = 1.0  # after a rollback, multiply the lr by this ...
+    lr_factor_steps: int = 0  # ... for this many steps from the checkpoint rolled back to
+    # Warn at start when a rollback could lose more than this share of train.steps (checkpoint.interval
+    # plus skip_margin steps of work and data): checkpoints too rare for rollback to be cheap.
+    max_lost_fraction: float = 0.05
+    # Testing only: the steps (of the run without skips: batch id = step - 1) whose loss, and so
+    # gradients, are multiplied by 1000. Keyed by the batch, so a rolled-back run that skips that batch
+    # does not meet the spike again.
+    inject_spike_steps: list = field(default_factory=list)
+    inject_nonfinite_steps: list = field(default_factory=list)  # testing only: the same, multiplied by NaN
+
+
+@dataclass
 class Recipe:
     name: str = "run"  # the run's name (runs/<name>, W&B run name)
     nominal_size: str | None = None  # e.g. "400M", "3.2B": periln-params checks the total is within 10%
@@ -188,6 +218,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     source: str = field(default="<recipe>", repr=False, compare=False)
 
     def to_dict(self) -> dict:

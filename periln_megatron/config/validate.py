@@ -25,6 +25,9 @@ CHOICES = {
     "checkpoint.on_corrupt": choices.ON_CORRUPT,
     "checkpoint.on_schedule_change": choices.ON_SCHEDULE_CHANGE,
     "checkpoint.format": choices.CHECKPOINT_FORMATS,
+    "stability.on_spike": choices.STABILITY_ACTIONS,
+    "stability.on_nonfinite": choices.STABILITY_ACTIONS,
+    "stability.act_on": choices.SPIKE_ACT_ON,
     "logging.wandb_mode": (None, *choices.WANDB_MODES),
     "tokenizer.type": (None, *choices.RECIPE_TOKENIZER_TYPES),
 }
@@ -80,6 +83,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_environment: b
     if peak is not None and not (math.isfinite(peak) and peak > 0):
         fail("logging.peak_tflops", f"must be a positive number of TFLOP/s (or null), got {peak}")
     _check_wandb(recipe.logging, fail)
+    _check_stability(recipe, fail)
     if p.ddp_bucket_size is not None and (isinstance(p.ddp_bucket_size, bool) or p.ddp_bucket_size < 1):
         fail("parallel.ddp_bucket_size", f"must be a number of parameters >= 1 (or null), got {p.ddp_bucket_size}")
     if p.overlap_param_gather and not p.distributed_optimizer:
@@ -152,6 +156,19 @@ def _check_wandb(log: LoggingConfig, fail) -> None:
         for key in WANDB_KEYS[1:]:
             if getattr(log, key) is not None:
                 fail(f"logging.{key}", "is set but logging.wandb_project is not: W&B logging is on only with a project")
+
+
+def _check_stability(recipe: Recipe, fail) -> None:
+    st = recipe.stability
+    for key in ("inject_spike_steps", "inject_nonfinite_steps"):
+        steps = getattr(st, key)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps):
+            fail(f"stability.{key}", f"must be a list of step numbers >= 1, got {steps}")
+    if st.min_history > st.window:
+        fail("stability.min_history", f"= {st.min_history} must be at most stability.window = {st.window}")
+    if "rollback" in (st.on_spike, st.on_nonfinite) and not recipe.checkpoint.dir:
+        key = "stability.on_spike" if st.on_spike == "rollback" else "stability.on_nonfinite"
+        fail(key, "= rollback needs checkpoints to roll back to: set checkpoint.dir (and checkpoint.interval)")
 
 
 def _check_environment(recipe: Recipe, fail) -> None:

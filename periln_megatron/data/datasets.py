@@ -1,8 +1,10 @@
 """Training data: megatron-core's GPTDataset over indexed prefixes, and a deterministic sampler.
 
-The sampler is a pure function of (iteration, data-parallel rank), so the data position saved in
+The sampler is a pure function of (batch id, data-parallel rank), so the data position saved in
 a checkpoint is just the iteration, and resume replays exactly the samples an uninterrupted run
-would have seen.
+would have seen. The batch id is the iteration unless a rollback skipped batches: then it is the
+iteration-th batch id not skipped (periln_megatron/training/stability.py; the skip list is in the
+checkpoint).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def split_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
     return [strip_data_suffix(str(p)) for p in prefixes], None
 
 
-def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
-    """(train, valid) GPTDatasets sized for the whole run, built by megatron-core."""
+def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path, extra_batches: int = 0):
+    """(train, valid) GPTDatasets sized for the whole run, built by megatron-core; `extra_batches`
+    more global batches of training data (what rollbacks may skip)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -66,7 +69,7 @@ def build_datasets(recipe: Recipe, tokenizer: TokenizerInfo, run_dir: Path):
         mmap_bin_files=True,
     )
     cls = MockGPTDataset if recipe.data.synthetic else GPTDataset
-    sizes = [t.steps * t.global_batch_size, num_valid, 0]
+    sizes = [(t.steps + extra_batches) * t.global_batch_size, num_valid, 0]
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     except Exception as e:
@@ -98,6 +101,7 @@ class MicroBatches:
         return self.gbs // (self.mbs * self.dp_size)
 
     def for_iteration(self, iteration: int):
+        """The micro-batches of global batch number `iteration` (a batch id: see the module docstring)."""
         per_rank = self.gbs // self.dp_size
         start = iteration * self.gbs + self.dp_rank * per_rank
         for m in range(self.num_microbatches):
@@ -131,14 +135,17 @@ class BatchPrefetcher:
             micro = [{k: v.pin_memory() for k, v in batch.items()} for batch in micro]
         return micro
 
-    def get(self, iteration: int, prefetch_next: bool = True) -> list:
+    def get(self, iteration: int, prefetch_next: bool = True, next_iteration: int | None = None) -> list:
+        """The micro-batches of batch id `iteration`; `next_iteration` (default iteration + 1) is built
+        in the background. A prefetched batch other than the one asked for is dropped (after a rollback)."""
         if not self.needs_data:
             return [None] * self.batches.num_microbatches
         if self._next is not None and self._next[0] == iteration:
             micro = self._next[1].result()
         else:
             micro = self._build(iteration)
-        self._next = (iteration + 1, self._pool.submit(self._build, iteration + 1)) if prefetch_next else None
+        upcoming = iteration + 1 if next_iteration is None else next_iteration
+        self._next = (upcoming, self._pool.submit(self._build, upcoming)) if prefetch_next else None
         return micro
 
     def close(self) -> None:

@@ -82,6 +82,8 @@ class MetricsSummary:
     final_valid_loss: list | None = None
     diagnostics: dict | None = None
     spikes: list = field(default_factory=list)  # [step, message]
+    # stability rollbacks the exported weights went through: [spiked step, step rolled back to, [first, last] batches skipped]
+    rollbacks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,12 +100,13 @@ def summarize_metrics(path: Path, iteration: int | None) -> MetricsSummary:
     """The card's numbers from metrics.jsonl read by the one reader (periln_megatron/training/metrics.py:
     a resumed run's records replace the killed run's, cut-off lines are skipped and counted). A file it
     refuses gives no numbers but `error`: the export goes on, the card says why."""
-    from periln_megatron.training.metrics import MetricsError, read_metrics
+    from periln_megatron.training.metrics import MetricsError, read_events, read_metrics
 
     cut: list[str] = []
     source = str(Path(path).resolve())
     try:
         everything = read_metrics(path, warn=cut.append)
+        events = read_events(path)
     except MetricsError as e:
         return MetricsSummary(source=source, iteration=iteration, error=str(e))
     records = {s: r for s, r in everything.items() if iteration is None or s <= iteration}
@@ -113,6 +116,9 @@ def summarize_metrics(path: Path, iteration: int | None) -> MetricsSummary:
     summary.valid_loss = _last(records, "valid_loss")
     summary.final_valid_loss = _last(records, "final_valid_loss")
     summary.spikes = [[s, r["spike"]] for s, r in records.items() if isinstance(r.get("spike"), str)]
+    # a rollback to the exported iteration or later happened after these weights were saved
+    summary.rollbacks = [[e["step"], e.get("to_step"), e.get("skip")] for e in events
+                         if iteration is None or (isinstance(e.get("to_step"), int) and e["to_step"] < iteration)]
     for step in reversed(records):
         variance, max_abs = records[step].get("layer_variance"), records[step].get("layer_max_abs")
         if isinstance(variance, list) and isinstance(max_abs, list) and variance and _number(variance[-1]):
@@ -303,6 +309,13 @@ def render_card(*, recipe, recipe_yaml: str, arch: str, hf_config: dict, shape, 
             rows.append(("diagnostics", "none recorded (diagnostics.interval was 0, or no measured step yet)"))
         rows.append(("loss / grad-norm spikes flagged", f"{len(metrics.spikes)}"
                      + (f" (last: step {metrics.spikes[-1][0]:,}, {metrics.spikes[-1][1]})" if metrics.spikes else "")))
+        if metrics.rollbacks:
+            skipped = sum(w[1] - w[0] + 1 for _, _, w in metrics.rollbacks
+                          if isinstance(w, list) and len(w) == 2 and all(_number(x) for x in w))
+            rows.append(("stability rollbacks", f"{len(metrics.rollbacks)} ({skipped:,} global batches skipped; last: "
+                         f"step {metrics.rollbacks[-1][0]:,} back to {metrics.rollbacks[-1][1]:,})"))
+        else:
+            rows.append(("stability rollbacks", "0"))
         lines += [_table(rows), "",
                   f"From `{metrics.source}`: the last value of each{up_to} "
                   f"({metrics.records:,} logged steps"

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from pathlib import Path
 
@@ -12,9 +12,9 @@ import torch
 from periln_megatron import checkpoint
 from periln_megatron.config import Recipe
 from periln_megatron.distributed import runtime
-from periln_megatron.exit_codes import EXIT_FINISHED, EXIT_REQUEUE
+from periln_megatron.exit_codes import EXIT_FINISHED, EXIT_REQUEUE, EXIT_ROLLBACKS, EXIT_SPIKE
 from periln_megatron.model.build import build_model_chunks, model_flops_per_token, transformer_config
-from periln_megatron.training import run_lock, schedule
+from periln_megatron.training import run_lock, schedule, stability
 from periln_megatron.training.optimizer import ParamGather, build_optimizer
 from periln_megatron.training.stop import StopFlag
 
@@ -23,7 +23,15 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def _forward_step(data_iterator, model, diagnostics=None):
+class StabilityStop(RuntimeError):
+    """A spike with stability.on_spike=stop, or one rollback too many: exit `exit_code`, nothing saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _forward_step(data_iterator, model, diagnostics=None, loss_scale: float = 1.0):
     from megatron.core.utils import unwrap_model
 
     batch = next(data_iterator)
@@ -38,6 +46,8 @@ def _forward_step(data_iterator, model, diagnostics=None):
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].float()
         loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
+        if loss_scale != 1.0:  # fault injection (stability.inject_*): this batch's loss and gradients
+            loss = loss * loss_scale
         return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
     return output, loss_func
@@ -50,18 +60,20 @@ def _agree(values: list[float]):
     return t.tolist()
 
 
-def run_schedule(chunks, batches, iteration, recipe, forward_only: bool):
-    """One global batch through megatron-core's (possibly interleaved) pipeline schedule."""
+def run_schedule(chunks, batches, iteration, recipe, forward_only: bool, next_iteration: int | None = None,
+                 loss_scale: float = 1.0):
+    """One global batch (batch id `iteration`) through megatron-core's (possibly interleaved) pipeline
+    schedule; `next_iteration`: the batch id to prefetch."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro = batches.get(iteration, prefetch_next=not forward_only)
+    micro = batches.get(iteration, prefetch_next=not forward_only, next_iteration=next_iteration)
     if len(chunks) == 1:
         data_iterator = iter(micro)
     else:  # the interleaved schedule draws from one iterator per chunk
         data_iterator = [iter(micro) for _ in chunks]
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=data_iterator,
+        forward_step_func=functools.partial(_forward_step, loss_scale=loss_scale), data_iterator=data_iterator,
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
         seq_length=recipe.model.seq_length, micro_batch_size=recipe.train.micro_batch_size,
         forward_only=forward_only,
@@ -108,7 +120,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     chunks = build_model_chunks(recipe, config, vocab)
     chunks, optimizer, scheduler = build_optimizer(recipe, config, chunks)
 
-    train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir)
+    stab = stability.Stability(recipe.stability)
+    train_ds, valid_ds = build_datasets(recipe, tokenizer, run_dir, extra_batches=stability.reserve_batches(recipe))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     true_vocab = recipe.data_vocab_size()
     needs_data = any(unwrap_model(c).pre_process or unwrap_model(c).post_process for c in chunks)
@@ -128,9 +141,12 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             recipe_groups = schedule.group_hyperparameters(optimizer)
             iteration = checkpoint.load(path, chunks, optimizer, scheduler, fmt=recipe.checkpoint.format)
             schedule.restore_after_load(optimizer, scheduler, recipe, recipe_groups, iteration)
+            stab.load(checkpoint.read_common(path).get("stability"), path)
             weights_from = None
             if rank0:
-                print(f"resumed from iteration {iteration} ({path})", flush=True)
+                print(f"resumed from iteration {iteration} ({path})"
+                      + (f"; {stab.rollbacks} rollbacks so far, skipping batches {stab.skips}" if stab.skips else ""),
+                      flush=True)
         else:  # e.g. written by convert_from_hf.py: weights only
             weights_from = path
     if weights_from is not None:
@@ -154,7 +170,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             return
         param_gather.sync_now()
         checkpoint.save(ckpt_root, it, chunks, optimizer, scheduler, recipe.to_yaml(), recipe.checkpoint.keep,
-                        async_queue=async_queue, fmt=recipe.checkpoint.format)
+                        async_queue=async_queue, fmt=recipe.checkpoint.format, extra={"stability": stab.state_dict()})
         if async_queue is not None and blocking:
             async_queue.maybe_finalize_async_calls(blocking=True)
 
@@ -171,6 +187,8 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
     tokens_per_step = t.global_batch_size * recipe.model.seq_length
     peak, peak_source = flops.this_device_peak(recipe)
     if rank0:
+        for warning in stability.warnings(recipe):
+            print(f"periln-train: warning: {warning}", flush=True)
         print(f"model FLOPs {flops_per_token / 1e9:.4g} GFLOP/token (Megatron-LM's count); "
               f"MFU {'against the ' + peak_source if peak else 'not reported: ' + peak_source}", flush=True)
     for chunk in chunks:
@@ -184,7 +202,14 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            loss_sum, loss_count = run_schedule(chunks, train_batches, iteration, recipe, forward_only=False)
+            batch = stab.batch_id(iteration)
+            lr_factor = stab.lr_multiplier(iteration + 1)
+            if lr_factor != 1.0:  # the scheduler sets each step's lr afresh after optimizer.step()
+                for group in optimizer.param_groups:
+                    group["lr"] *= lr_factor
+            loss_sum, loss_count = run_schedule(chunks, train_batches, batch, recipe, forward_only=False,
+                                                next_iteration=stab.batch_id(iteration + 1),
+                                                loss_scale=stab.loss_scale(batch))
             layer_grads = diagnostics.layer_grad_norms() if measure else None
             updated, grad_norm, _ = optimizer.step()
             scheduler.step(increment=t.global_batch_size)
@@ -192,13 +217,24 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             loss_sum, loss_count, stopping = _agree([loss_sum, loss_count, float(stop.local())])
             loss = loss_sum / max(loss_count, 1)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if not math.isfinite(loss) or (updated and not math.isfinite(grad_norm)):
-                raise NonFiniteError(f"step {iteration}: loss={loss} grad_norm={grad_norm}; stopping without saving "
-                                     f"(last checkpoint: {checkpoint.latest_iteration(ckpt_root)})")
+            scores, verdict, why = stab.observe(loss, grad_norm if updated else None)
+            # every rank must take the same branch (a rollback is collective)
+            spike, nonfinite = _agree([float(verdict == "spike"), float(verdict == "nonfinite")])
+            verdict = "nonfinite" if nonfinite else "spike" if spike else None
+            if verdict is not None:
+                if async_queue is not None:  # an in-flight save: the marker names it once finalized
+                    async_queue.maybe_finalize_async_calls(blocking=True)
+                if _act(verdict, iteration, why, stab, ckpt_root, rank0) == "rollback":
+                    iteration = _rollback(iteration, why, stab, ckpt_root, recipe, chunks, optimizer, scheduler,
+                                          param_gather, metrics, rank0)
+                    continue
             elapsed = time.perf_counter() - started
             record = {"step": iteration, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step / elapsed, "ms_per_step": 1000 * elapsed,
-                      "skipped": not updated}
+                      "skipped": not updated, "batch": batch}
+            record.update(scores)
+            if lr_factor != 1.0:
+                record["lr_factor"] = lr_factor
             record.update(flops.throughput(flops_per_token, tokens_per_step, elapsed, env.world_size, peak))
             if torch.cuda.is_available():  # this rank's peak, for periln-params --memory (tools/gpu_smoke.py)
                 record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -210,7 +246,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
                 with param_gather.hooks_disabled():
                     record["valid_loss"] = evaluate(chunks, valid_batches, recipe, iteration)
             if (iteration % recipe.logging.interval == 0 or iteration == t.steps or "valid_loss" in record
-                    or measure or "spike" in record):
+                    or measure or "spike" in record or "stability_spike" in record):
                 metrics.log(record)
             if async_queue is not None:
                 async_queue.maybe_finalize_async_calls(blocking=False)
@@ -239,6 +275,55 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
                 prefetcher.close()
         if async_queue is not None:
             async_queue.close()
+
+
+def _act(verdict: str, step: int, why: str, stab, ckpt_root, rank0: bool) -> str:
+    """What stability.on_spike / on_nonfinite does with this step: "log" (train on), "rollback", or raise."""
+    cfg = stab.cfg
+    action = cfg.on_spike if verdict == "spike" else cfg.on_nonfinite
+    last = checkpoint.latest_iteration(ckpt_root)
+    what = f"step {step}: {'spike: ' if verdict == 'spike' else ''}{why}"
+    if action == "stop":
+        if verdict == "nonfinite":
+            raise NonFiniteError(f"{what}; stopping without saving (last checkpoint: {last})")
+        raise StabilityStop(f"{what} (stability.on_spike=stop); stopping without saving (last checkpoint: {last})",
+                            EXIT_SPIKE)
+    if action == "rollback":
+        if last is None or not checkpoint.has_optimizer_state(checkpoint.iteration_dir(ckpt_root, last)):
+            if verdict == "nonfinite":
+                raise NonFiniteError(f"{what}; no checkpoint to roll back to: stopping without saving")
+            if rank0:
+                print(f"periln-train: warning: {what}: no checkpoint to roll back to yet; training on", flush=True)
+            return "log"
+        if stab.rollbacks >= cfg.max_rollbacks:
+            raise StabilityStop(f"{what}: it would be rollback {stab.rollbacks + 1}, past stability.max_rollbacks="
+                                f"{cfg.max_rollbacks}; stopping without saving (last checkpoint: {last})",
+                                EXIT_ROLLBACKS)
+        return "rollback"
+    if rank0 and verdict == "nonfinite":
+        print(f"periln-train: warning: {what} (stability.on_nonfinite=log): training on", flush=True)
+    return "log"
+
+
+def _rollback(step: int, why: str, stab, ckpt_root, recipe, chunks, optimizer, scheduler, param_gather, metrics,
+              rank0: bool) -> int:
+    """Reload the newest checkpoint, skip the batches from it to the spike (and stability.skip_margin more),
+    record it; returns the iteration to continue from."""
+    target = checkpoint.latest_iteration(ckpt_root)
+    path = checkpoint.iteration_dir(ckpt_root, target)
+    metrics.event(stab.plan_rollback(step, target, why))
+    # a deferred all-gather of the spiked step's shards must not land on the loaded weights
+    param_gather.sync_now()
+    groups = schedule.group_hyperparameters(optimizer)
+    scheduler.num_steps = 0  # its load_state_dict adds the checkpoint's count to the current one
+    iteration = checkpoint.load(path, chunks, optimizer, scheduler, fmt=recipe.checkpoint.format)
+    schedule.restore_after_load(optimizer, scheduler, recipe, groups, iteration)
+    stab.load_score(checkpoint.read_common(path).get("stability"))
+    stability.persist_rollback(path, stab.timeline(), rank0)
+    if rank0:
+        print(f"rolled back from step {step} to iteration {iteration} (rollback {stab.rollbacks} of at most "
+              f"{stab.cfg.max_rollbacks}); skipping batches {stab.skips}", flush=True)
+    return iteration
 
 
 def evaluate(chunks, batches, recipe, iteration) -> float:

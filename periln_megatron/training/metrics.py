@@ -31,7 +31,13 @@ via periln_megatron/training/plots.py, tools/gpu_smoke.py's checks):
   that beginning) is skipped with a warning naming file:line; when the resumed run's record was
   glued onto it (`{"step": 4, "lo{"step": 5, ...}`, written by older versions) that record is kept;
 - any other damage is a MetricsError naming file:line: a reader that skipped it could hide or
-  misplace steps.
+  misplace steps;
+- event records (`"event": "rollback"`, written by a stability rollback at the spiked step S; the
+  run then trains again from the checkpoint's step C + 1, whose records replace the spiked run's
+  from there) are not step records: read_metrics leaves them out and read_events returns them.
+  They go to metrics.jsonl and stdout only; TensorBoard and W&B see the `rollbacks` count of each
+  step record. W&B keeps the first value logged at a step, so steps trained again after a rollback
+  (or a resume) keep the discarded run's values there; metrics.jsonl and TensorBoard have the kept run's.
 """
 
 from __future__ import annotations
@@ -83,16 +89,13 @@ class MetricsError(ValueError):
     pass
 
 
-def read_metrics(path: Path, warn=None) -> dict[int, dict]:
-    """step -> record of a run's metrics.jsonl (a file or a run directory), by the rule in this
-    module's docstring. `warn` gets one line per skipped cut-off line."""
+def _lines(path: Path, warn=None):
+    """(path, lineno, record) of every readable record line, by the damage rules of the module docstring."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise MetricsError(f"{path}: not found")
-    out: dict[int, dict] = {}
-    last_step = None
     lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -112,6 +115,18 @@ def read_metrics(path: Path, warn=None) -> dict[int, dict]:
                      "resumed): kept that record")
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
             raise MetricsError(f"{path}:{lineno}: expected an object with an integer `step`")
+        yield record
+
+
+def read_metrics(path: Path, warn=None) -> dict[int, dict]:
+    """step -> record of a run's metrics.jsonl (a file or a run directory), by the rule in this
+    module's docstring. `warn` gets one line per skipped cut-off line. Event records (read_events)
+    are left out."""
+    out: dict[int, dict] = {}
+    last_step = None
+    for record in _lines(path, warn):
+        if "event" in record:
+            continue
         step = record["step"]
         if last_step is not None and (step < last_step or (step == last_step and "loss" in record
                                                              and "loss" in out.get(step, {}))):
@@ -119,6 +134,19 @@ def read_metrics(path: Path, warn=None) -> dict[int, dict]:
         last_step = step
         out.setdefault(step, {}).update(record)
     return dict(sorted(out.items()))
+
+
+def read_events(path: Path, kind: str = "rollback", warn=None) -> list[dict]:
+    """The event records of one kind (`{"event": "rollback", "step": S, "to_step": C, ...}`), in order.
+    A rollback is numbered by its `rollbacks` count: a run killed after writing the event but before
+    the rollback was kept re-detects the spike and writes it again; the later copy is kept."""
+    out: dict = {}
+    for record in _lines(path, warn):
+        if record.get("event") == kind:
+            key = record.get("rollbacks", len(out))
+            out.pop(key, None)
+            out[key] = record
+    return list(out.values())
 
 
 def _cut_record(line: str) -> bool:
@@ -279,6 +307,16 @@ class MetricsLog:
         print(" | ".join(parts), flush=True)
         for sink in self.sinks:
             sink.write(record)
+
+    def event(self, record: dict) -> None:
+        """An event record (a rollback): one stdout line and metrics.jsonl."""
+        if not self.enabled:
+            return
+        print(f"step {record['step']}: {record['event']}: " + ", ".join(
+            f"{k} {v}" for k, v in record.items() if k not in ("event", "step")), flush=True)
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                sink.write(record)
 
     def close(self) -> None:
         """Close every sink; one that fails is a warning (close runs in the trainer's `finally`, where
