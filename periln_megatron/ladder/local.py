@@ -3,13 +3,14 @@
 A one-GPU (or CPU) run is forked from this process after it has imported the trainer once, so a
 CPU miniature does not pay torch's and megatron-core's import per run; a run of several GPUs goes
 through periln-launch (torchrun) with --nproc_per_node = the grid's gpus_per_node (nodes must be 1).
-Each run writes <run dir>/train.log and, when it ends, its exit status to <run dir>/ladder-exit.
+Each run writes <run dir>/train.log and, when it ends, its exit status to <run dir>/ladder-exit. The
+runs stay in this process group: Ctrl-C reaches each, which saves a checkpoint and exits 75, and a
+later submit resumes them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import traceback
@@ -37,7 +38,6 @@ def _fork(run: Run) -> int:
         return pid
     code = 1
     try:
-        os.setsid()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(log, 1)
@@ -62,7 +62,7 @@ def _launch(run: Run) -> subprocess.Popen:
     log = open(run.dir / LOG_FILE, "ab")
     cmd = [sys.executable, "-m", "periln_megatron.launch", "--standalone", f"--nproc_per_node={run.gpus_per_node}",
            "-m", "periln_megatron.train", *_train_args(run)]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_local(runs: list[Run], jobs: int, say=print) -> dict[str, int]:
@@ -94,12 +94,7 @@ def run_local(runs: list[Run], jobs: int, say=print) -> dict[str, int]:
             (run.dir / PID_FILE).unlink(missing_ok=True)
             codes[run.name] = code
             say(f"{run.name}: exit {code}")
-    except KeyboardInterrupt:
-        for pid in active:
-            try:
-                os.killpg(pid, signal.SIGINT)  # each run saves a checkpoint and exits 75
-            except ProcessLookupError:
-                pass
+    except KeyboardInterrupt:  # the runs share this terminal's Ctrl-C: each saves a checkpoint and exits 75
         for pid, run in list(active.items()):
             _, status = os.waitpid(pid, 0)
             write_exit(run.dir, os.waitstatus_to_exitcode(status))
