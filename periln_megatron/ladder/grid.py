@@ -130,6 +130,12 @@ def load_grid(path: str | Path) -> Grid:
         raw = read_mapping(path, "grid")
     except RecipeError as e:
         raise GridError(str(e)) from None
+    return grid_from_mapping(raw, path)
+
+
+def grid_from_mapping(raw: dict, path: str | Path = "<grid>") -> Grid:
+    """A grid from its keys (a caller that builds one without a file, e.g. the demo); `path` names it in errors."""
+    path = Path(path)
     unknown = [k for k in raw if k not in KEYS]
     if unknown:
         _fail(path, unknown[0], f"unknown key (known: {', '.join(KEYS)})")
