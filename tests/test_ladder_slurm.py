@@ -53,8 +53,8 @@ def array(slurm, tmp_path_factory):
     root = tmp_path_factory.mktemp("ladder-slurm")
     grid = root / "grid.yaml"
     grid.write_text(json.dumps({**GRID, "dir": str(root / "runs")}))
-    first = ladder(slurm, "submit", str(grid), "--max-concurrent", "2", *SBATCH)
-    array_id = re.search(r"job array (\d+) \(4 runs, --array=0,1,2,3%2\)", first.stdout).group(1)
+    first = ladder(slurm, "submit", str(grid), "--max-concurrent", "4", *SBATCH)
+    array_id = re.search(r"job array (\d+) \(4 runs, --array=0,1,2,3%4\)", first.stdout).group(1)
     task = f"{array_id}_0"
     log = root / "runs" / "logs" / f"slmini-tiny-{array_id}_0.out"
     wait_for_log(slurm, task, log, r"^step 2/", timeout=150)
