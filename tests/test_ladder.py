@@ -179,3 +179,35 @@ def test_diverged_run_counted_as_diverged(mini):
     code, out, _ = cli("submit", str(grid.path), "--local")  # a diverged run is done, not resubmitted
     assert code == 0 and "submitting 0" in out
     assert not math.isnan(float(row["tokens"]))
+
+
+# ----------------------------------------------------------------------------- states
+
+def _run_dir(root: Path, name: str, losses: list[float], code: int | None) -> Path:
+    d = root / name
+    d.mkdir()
+    if losses:
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
+                                                 for i, x in enumerate(losses, 1)))
+    if code is not None:
+        (d / "ladder-exit").write_text(f"{code}\n")
+    return d
+
+
+def test_run_states_from_exit_status_metrics_and_queue(tmp_path):
+    from periln_megatron.ladder.state import run_state
+
+    def state(name, losses, code, job="-", queued=None):
+        return run_state(_run_dir(tmp_path, name, losses, code), 3, job, queued)
+
+    assert state("new", [], None).state == "unsubmitted"
+    done = state("done", [3.0, 2.5, 2.0], 0, "7_0")
+    assert (done.state, done.job, done.step, done.loss) == ("finished", "7_0", 3, 2.0)
+    assert state("nan", [3.0], 3).state == "diverged"
+    assert state("inf-logged", [3.0, float("inf")], None, "7_1").state == "diverged"
+    crashed = state("crashed", [3.0], 1, "7_2")
+    assert (crashed.state, crashed.note) == ("failed", "exit 1")
+    assert state("stopped", [3.0, 2.5], 0, "7_3").state == "failed"  # exit 0 before train.steps, no job left
+    requeued = state("requeued", [3.0, 2.5], 0, "7_4", queued="pending")
+    assert (requeued.state, requeued.step) == ("pending", 2)
+    assert state("lost", [], None, "7_5").state == "failed"  # left the queue without training
