@@ -163,6 +163,11 @@ def test_report_means_and_stds_equal_the_runs_metrics(mini):
         last_var = statistics.fmean(rec[3]["layer_variance"][-1] for rec in records)
         assert float(row["last_layer_variance"]) == pytest.approx(last_var, rel=1e-12)
         assert int(row["tokens"]) == 2 * 3 * 8 * 64  # seeds x steps x batch x sequence
+    from periln_megatron.ladder.report import collect, losses_by_lr, summarize
+
+    by_lr = losses_by_lr(summarize(collect(grid)), TINY, "pre")
+    assert by_lr == {r.lr: [_direct(x.dir)[3]["final_valid_loss"] for x in grid.runs
+                            if x.placement == "pre" and x.lr == r.lr] for r in grid.runs}
     report = (grid.dir / "report.md").read_text()
     assert "| lr | Peri-LN | Pre-LN |" in report and "best LR for Peri-LN:" in report
     assert (grid.dir / "lr_sensitivity.png").stat().st_size > 0 and (grid.dir / "variance_by_depth.png").is_file()

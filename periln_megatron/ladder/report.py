@@ -9,7 +9,8 @@ n_diverged, never dropped. Per cell (recipe, placement, lr): the mean and the sa
 deviation (n-1; empty with one seed) of the final loss over the seeds that finished.
 
 The API for other reports (the demo): collect(grid) -> results, summarize(results) -> cells,
-write_report(grid, results, extra_sections) -> report.md path.
+losses_by_lr(cells, recipe, placement) -> the verdicts' input, write_report(grid, results,
+extra_sections) -> report.md path.
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ def summarize(results: list[RunResult]) -> list[Cell]:
         key = (r.run.recipe, r.run.placement, r.run.lr)
         cells.setdefault(key, Cell(*key, runs=[])).runs.append(r)
     return list(cells.values())
+
+
+def losses_by_lr(cells: list[Cell], recipe: str, placement: str) -> dict[float, list[float]]:
+    """lr -> the finished seeds' final losses of one placement: the input of the loss verdicts
+    (periln_megatron/verdicts/losses.py: best_lr_loss, lr_sensitivity)."""
+    return {c.lr: c.losses for c in cells if c.recipe == recipe and c.placement == placement}
 
 
 def best_lrs(cells: list[Cell]) -> dict[tuple[str, str], Cell]:
