@@ -58,6 +58,7 @@ def cli(*argv) -> tuple[int, str, str]:
     ({"set": ["data.prefixes=[a, b]"]}, "set", "no spaces"),
     ({"recipes": ["recipes/none.yaml"]}, "recipes", "recipe file not found"),
     ({"nodes": 0}, "nodes", ">= 1"),
+    ({"lrs": [1e-3, 1.0000001e-3]}, "lrs", "two learning rates print as 0.001"),
 ])
 def test_bad_grid_is_one_line_naming_file_and_key(tmp_path, over, key, words):
     path = write_grid(tmp_path / "grid.yaml", **over)

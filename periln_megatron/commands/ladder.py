@@ -79,9 +79,9 @@ def _states(grid, use_queue: bool):
     from periln_megatron.ladder.state import load_jobs, queue_states, run_state
 
     jobs = load_jobs(grid.dir)
-    queued = queue_states(list(jobs.values())) if use_queue and jobs else {}
+    queued = queue_states(list(jobs.values())) if use_queue else {}
     return {run.name: run_state(run.dir, run_recipe(run).train.steps, jobs.get(run.name, "-"),
-                                queued.get(jobs.get(run.name, ""))) for run in grid.runs}, queued
+                                (queued or {}).get(jobs.get(run.name, ""))) for run in grid.runs}, queued
 
 
 def _submit(grid, args, extra) -> int:
@@ -90,7 +90,11 @@ def _submit(grid, args, extra) -> int:
     if args.jobs < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
         print("periln-ladder: error: --jobs and --max-concurrent must be >= 1", file=sys.stderr)
         return 2
-    states, _ = _states(grid, use_queue=not args.local)
+    states, queued = _states(grid, use_queue=not args.local)
+    if queued is None:
+        print(f"periln-ladder: error: squeue failed or is missing, and {grid.dir}/.ladder-jobs.json names jobs: "
+              "cannot tell queued runs from stopped ones, so nothing is submitted", file=sys.stderr)
+        return 2
     todo = [run for run in grid.runs if states[run.name].state in ("unsubmitted", "failed")]
     counts: dict[str, int] = {}
     for s in states.values():
@@ -121,7 +125,10 @@ def _submit(grid, args, extra) -> int:
 
 
 def _status(grid, args, extra) -> int:
-    states, _ = _states(grid, use_queue=True)
+    states, queued = _states(grid, use_queue=True)
+    if queued is None:
+        print("periln-ladder: warning: squeue failed or is missing: states are from the run directories only "
+              "(a queued or running Slurm job shows as failed or unsubmitted)", file=sys.stderr)
     header = ("run", "state", "job", "step", "loss", "note")
     table = [header] + [(name, s.state, s.job, "-" if s.step is None else str(s.step),
                          "-" if s.loss is None else f"{s.loss:.4f}", s.note) for name, s in states.items()]
@@ -139,8 +146,7 @@ def _report(grid, args, extra) -> int:
     from periln_megatron.ladder.report import collect, write_report
     from periln_megatron.ladder.state import load_jobs, queue_states
 
-    jobs = load_jobs(grid.dir)
-    path = write_report(grid, collect(grid, queue_states(list(jobs.values())) if jobs else {}))
+    path = write_report(grid, collect(grid, queue_states(list(load_jobs(grid.dir).values())) or {}))
     print(f"wrote {path}, {path.parent / 'summary.csv'} and the plots")
     return 0
 

@@ -189,6 +189,8 @@ def _runs(grid: Grid) -> list[Run]:
             for lr in grid.lrs:
                 for seed in grid.seeds:
                     name = f"{size}-{placement}-lr{lr_text(lr)}-s{seed}"
+                    if any(r.name == name for r in runs):
+                        _fail(path, "lrs", f"two learning rates print as {lr_text(lr)}: runs are named from them")
                     run_dir = grid.dir / name
                     overrides = (*grid.sets, f"model.placement={placement}", f"train.seed={seed}",
                                  f"optim.lr={lr!r}", f"optim.min_lr={lr * ratio:.6g}", f"checkpoint.dir={run_dir}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pwd
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,20 +76,24 @@ def save_jobs(ladder_dir: Path, jobs: dict[str, str]) -> None:
     (Path(ladder_dir) / JOBS_FILE).write_text(json.dumps(jobs, indent=1, sort_keys=True) + "\n")
 
 
-def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """Slurm job id (<array>_<task>) -> our state, for the jobs squeue still lists (SLURM_CONF honoured)."""
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    if not arrays:
+def queue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """Slurm job id (<array>_<task>) -> our state, for those of `job_ids` that squeue lists (this
+    user's jobs: an id Slurm has already forgotten is simply absent). None when squeue cannot be
+    asked (not installed, or it failed): then a queued run cannot be told from a stopped one."""
+    if not job_ids:
         return {}
     try:
-        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-u", pwd.getpwuid(os.getuid()).pw_name],
+                           capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
+        return None
+    if r.returncode != 0:
+        return None
+    wanted = set(job_ids)
     out = {}
     for line in r.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[1] in QUEUED:
+        if len(parts) == 2 and parts[0] in wanted and parts[1] in QUEUED:
             out[parts[0]] = QUEUED[parts[1]]
     return out
 
