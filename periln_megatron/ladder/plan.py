@@ -51,8 +51,10 @@ def plan(grid: Grid, mfu: float = flops.ASSUMED_MFU, gpu: str = flops.PLAN_GPU,
         tokens = recipe.train.steps * recipe.train.global_batch_size * recipe.model.seq_length
         try:
             hours = flops.gpu_hours(recipe, tokens, mfu, gpu)
-        except ValueError as e:
-            raise PlanError(f"--gpu {gpu}: {e}") from None
+        except ValueError:
+            known = ", ".join(label for _, label, _ in flops.PEAK_TFLOPS)
+            raise PlanError(f"--gpu {gpu!r}: no {recipe.precision.preset} peak for it in model/flops.py "
+                            f"PEAK_TFLOPS (known: {known})") from None
         rows.append(PlanRow(run, layout, peak, tokens, hours))
     return rows
 
