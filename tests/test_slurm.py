@@ -79,7 +79,8 @@ def must(info, log: Path, state="COMPLETED", exit_code="0:0"):
 
 # ----------------------------------------------------------------------------- static checks
 
-@pytest.mark.parametrize("path", [*TEMPLATES, REPO / "slurm/common.sh", REPO / "tools/ensure_slurm.sh"],
+@pytest.mark.parametrize("path", [*TEMPLATES, REPO / "slurm/common.sh", REPO / "slurm/ladder_task.sh",
+                                  REPO / "tools/ensure_slurm.sh"],
                          ids=lambda p: p.name)
 def test_shellcheck(path):
     if not shutil.which("shellcheck"):

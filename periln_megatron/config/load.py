@@ -47,11 +47,10 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+def read_mapping(path: Path, what: str = "recipe") -> dict:
+    """A YAML file holding one mapping (duplicate keys refused); errors name file:line."""
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: `base` chain loops back to itself")
+        raise RecipeError(f"{path}: {what} file not found")
     try:
         raw = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except _DuplicateKeyError as e:
@@ -59,12 +58,20 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = "; ".join(str(x) for x in (e.context, e.problem) if x)
-        raise RecipeError(f"{where}: invalid YAML: {what}") from None
+        detail = "; ".join(str(x) for x in (e.context, e.problem) if x)
+        raise RecipeError(f"{where}: invalid YAML: {detail}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+        raise RecipeError(f"{path}: a {what} is a mapping of {'sections' if what == 'recipe' else 'keys'}, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: `base` chain loops back to itself")
+    raw = read_mapping(path)
     base = raw.pop("base", None)
     if base is None:
         return raw

@@ -54,6 +54,21 @@ PEAK_TFLOPS: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
 )
 
 
+# The MFU a plan assumes when none is measured (periln-ladder plan --mfu): what Megatron-Core dense GPT
+# training of this size typically reaches on H100 in BF16 (about 40%); measure yours from the `mfu`
+# field of a short run's metrics.jsonl and pass it instead.
+ASSUMED_MFU = 0.40
+PLAN_GPU = "H100 SXM"  # the GPU a plan prices (periln-ladder plan --gpu)
+
+
+def gpu_hours(recipe: Recipe, tokens: float, mfu: float = ASSUMED_MFU, gpu: str = PLAN_GPU) -> float:
+    """GPU-hours to train `tokens` tokens at `mfu` of the GPU's dense peak at the recipe's precision."""
+    peak, why = peak_flops(recipe, gpu)
+    if peak is None:
+        raise ValueError(why)
+    return training_flops_per_token(recipe) * tokens / (mfu * peak) / 3600
+
+
 def matmul_dtype(preset: str, tf32: bool = False) -> str:
     """The GEMM rate that bounds a precision preset: fp8 runs the layers' GEMMs in FP8 (the LM head
     and attention stay BF16, so FP8 MFU reads low); fp32 runs at the TF32 rate only when
