@@ -47,6 +47,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _python_path(env: dict) -> None:
+    """sys.path as a fresh interpreter with `env` would have it after sys.path[0]: $PYTHONPATH's entries,
+    then the installation's (the server's own $PYTHONPATH entries removed)."""
+    entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[1:] = [*entries, *(p for p in _BASE_PATH if p not in entries)]
+
+
+_SERVER_ENTRIES = {p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+_BASE_PATH = [p for p in sys.path[1:] if p not in _SERVER_ENTRIES]
+
+
 def _run_python(argv: list[str]) -> int:
     """What `python ARGV...` does after start-up: sys.argv, sys.path[0], then the module, script or
     code as __main__. Returns the exit status."""
@@ -109,6 +120,7 @@ def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
+        _python_path(env)
         code = _run_python(argv)
     finally:
         _exit(code)
