@@ -360,3 +360,25 @@ def test_an_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path):
     assert "## What this run shows" in report and "(agree: difference" in report
     assert (work / "out" / "hf_peri_ln" / "config.json").is_file()
     assert sorted((work / "out" / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("on_spike", ["log", "rollback"])
+def test_on_spike_choice_gives_a_valid_recipe(tmp_path, on_spike):
+    """--on-spike rollback: every run rolls back on a spike or a non-finite loss, with a checkpoint every
+    tenth of the run (the recipe the trainer would load validates); log changes nothing."""
+    from periln_megatron.config.load import combine_overrides, load_recipe
+    from periln_megatron.demo.runner import BASE_RECIPE, Job, recipe_overrides
+
+    args = parse_args(["--preset", "noclip", "--on-spike", on_spike])
+    args.eval_iters = 1
+    job = Job("peri-s1", "peri", args.lr, 1234, args.steps, "main")
+    sets = recipe_overrides(args, job, tmp_path / "run", tmp_path / "prefix", tmp_path / "spm.model")
+    r = load_recipe(BASE_RECIPE, combine_overrides(sets, ["tokenizer.type=null", "tokenizer.model=null",
+                                                          "data.synthetic=true", "data.prefixes=[]",
+                                                          "model.vocab_size=512"]))
+    assert r.optim.clip_grad == 0.0
+    if on_spike == "rollback":
+        assert (r.stability.on_spike, r.stability.on_nonfinite) == ("rollback", "rollback")
+        assert r.checkpoint.interval == args.steps // 10
+    else:
+        assert r.stability.on_spike == "log" and r.checkpoint.interval == args.steps // 2

@@ -164,6 +164,7 @@ def test_report_means_and_stds_equal_the_runs_metrics(mini):
         last_var = statistics.fmean(rec[3]["layer_variance"][-1] for rec in records)
         assert float(row["last_layer_variance"]) == pytest.approx(last_var, rel=1e-12)
         assert int(row["tokens"]) == 2 * 3 * 8 * 64  # seeds x steps x batch x sequence
+        assert (row["rollbacks"], row["skipped_batches"]) == ("0", "0")  # counted by rollback_counts (test_stability)
     from periln_megatron.ladder.report import collect, losses_by_lr, summarize
 
     by_lr = losses_by_lr(summarize(collect(grid)), TINY, "pre")

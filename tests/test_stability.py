@@ -14,7 +14,9 @@ from launch import step_losses as losses
 from periln_megatron.config import RecipeError, load_recipe
 from periln_megatron.exit_codes import EXIT_ROLLBACKS, EXIT_SPIKE
 from periln_megatron.training import stability
-from periln_megatron.training.metrics import read_events, read_metrics
+from periln_megatron.demo.report import rollback_lines, stability_table
+from periln_megatron.demo.summary import summarise_run
+from periln_megatron.training.metrics import read_events, read_metrics, rollback_counts
 
 TINY = "recipes/tiny/peri_ln.yaml"
 TRAIN = ["-m", "periln_megatron.train", "--recipe", TINY]
@@ -131,6 +133,13 @@ def test_injected_spike_and_nan_are_rolled_back_and_their_batches_skipped(rolled
     assert records[16]["rollbacks"] == 2 and all("spike_total" in r and "spike_rate" in r for r in records.values())
     assert "loss_zscore" in records[16] and "grad_norm_zscore" in records[16]
     assert json.loads((ckpt / "iter_0000008/rollbacks.json").read_text())["rollbacks"] == 2
+    # what the demo's and the ladder's reports count: 2 rollbacks, batches 8..10 and 11..14 skipped
+    assert rollback_counts(ckpt) == (2, 7)
+    summary = summarise_run(ckpt)
+    assert (summary.rollbacks, summary.skipped_batches) == (2, 7)
+    assert stability_table([summary])[2].count("| 2 (7) |") == 1
+    assert rollback_lines([summary]) == ["Rollbacks (stability.on_spike: rollback): Peri-LN 2 rollbacks, 7 batches "
+                                         "skipped over 1 runs.", ""]
     reader = TorchDistReader(ckpt / "iter_0000016")
     weights = [k for k in reader.tensors if not k.startswith("optimizer")]
     assert len(weights) > 10 and all(bool(reader.read(k).float().isfinite().all()) for k in weights)

@@ -65,6 +65,10 @@ def parse_args(argv):
     parser.add_argument("--sweep-steps", type=int, help="steps of the sweep's runs (default: --steps)")
     parser.add_argument("--clip-grad", type=float, help="clip the global grad norm to this; 0: no clipping "
                                                         "(default 1.0; the noclip preset: 0)")
+    parser.add_argument("--on-spike", choices=("log", "rollback"), default="log",
+                        help="stability.on_spike (and on_nonfinite) of every run: rollback reloads the last "
+                             "checkpoint and skips the batches that led to a spike (docs/stability.md); the report "
+                             "counts rollbacks per model (default: log)")
     parser.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary ({d['vocab_size']})")
     parser.add_argument("--seq-length", type=int, help=f"tokens per sequence ({d['seq_length']})")
     parser.add_argument("--batch", type=int, help=f"sequences per step ({d['batch']})")
@@ -96,8 +100,8 @@ def parse_args(argv):
 
 
 CONFIG_KEYS = ("input", "vocab_size", "layers", "hidden", "ffn", "heads", "groups", "seq_length", "batch",
-               "clip_grad")
-BEFORE_DEFAULTS = {"clip_grad": 1.0}  # what an --out made before the key was recorded used
+               "clip_grad", "on_spike")
+BEFORE_DEFAULTS = {"clip_grad": 1.0, "on_spike": "log"}  # what an --out made before the key was recorded used
 
 
 def check_config(out: Path, args) -> None:

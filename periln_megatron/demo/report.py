@@ -122,8 +122,9 @@ def stability_table(runs: list[RunSummary]) -> list[str]:
     """Per run: the stability figures the stability verdict ranks and prints, and the trainer's spikes."""
     lines = ["| run | lr | seed | steps | status | final train loss | final validation loss | steps above the "
              "initial loss after warm-up | peak loss (step) | back below by step | largest grad norm / running "
-             "median (step) | max\\|act\\| over training | trainer's spikes (loss / grad norm) | wall / CPU time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "median (step) | max\\|act\\| over training | trainer's spikes (loss / grad norm) | rollbacks "
+             "(batches skipped) | wall / CPU time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         f = run_figures(r)
         status = r.status + (f" ({r.message})" if r.message else "")
@@ -134,9 +135,22 @@ def stability_table(runs: list[RunSummary]) -> list[str]:
         lines.append(f"| {r.label} | {r.lr:g} | {r.seed} | {r.steps} | {status} | {_g(r.train_loss, '.4f')} | "
                      f"{_g(r.valid_loss, '.4f')} | {above} | {_g(f['peak'], '.4g')} "
                      f"({f.get('peak_step') or '-'}) | {recovered} | {_g(f['spike'])} ({f['spike_step'] or '-'}) | "
-                     f"{_g(r.peak_act, '.4g')}{fp16} | {spikes} | "
+                     f"{_g(r.peak_act, '.4g')}{fp16} | {spikes} | {r.rollbacks} ({r.skipped_batches}) | "
                      f"{fmt_time(r.wall_s) if r.wall_s else 'n/a'} / {fmt_time(r.cpu_s) if r.cpu_s else 'n/a'} |")
     return lines
+
+
+def rollback_lines(runs: list[RunSummary]) -> list[str]:
+    """Rollbacks per model over its runs (what `--on-spike rollback` counts); nothing when none happened."""
+    if not any(r.rollbacks for r in runs):
+        return []
+    parts = []
+    for placement, label in PLACEMENTS:
+        mine = [r for r in runs if r.placement == placement]
+        if mine:
+            parts.append(f"{label} {sum(r.rollbacks for r in mine)} rollbacks, "
+                         f"{sum(r.skipped_batches for r in mine)} batches skipped over {len(mine)} runs")
+    return ["Rollbacks (stability.on_spike: rollback): " + "; ".join(parts) + ".", ""]
 
 
 def export_check(sample: dict, stats: CorpusStats, default_corpus: bool) -> list[str]:
@@ -215,7 +229,7 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
               "above it, the peak and when the loss was back below it; the largest grad norm over the median of the "
               "previous 50; the largest max|act| at any measured step. The trainer's spikes: the loss or grad norm "
               "above 3x that running median.", ""]
-    lines += stability_table(runs) + [""]
+    lines += stability_table(runs) + [""] + rollback_lines(runs)
     if check is not None and peri is not None and peri.valid_loss is not None:
         diff = abs(check["valid_loss"] - peri.valid_loss)
         agree = "agree" if diff <= 1e-4 * max(1.0, abs(peri.valid_loss)) else "DISAGREE"

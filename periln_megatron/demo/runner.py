@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from periln_megatron.config.load import combine_overrides
 from periln_megatron.demo.console import fmt_time, log
 from periln_megatron.demo.summary import LABEL, OUTCOME, finished, run_metrics
 from periln_megatron.exit_codes import EXIT_FINISHED, EXIT_NONFINITE
@@ -80,6 +81,11 @@ class Job:
 
 def recipe_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Path) -> list[str]:
     steps = job.steps
+    return combine_overrides(_base_overrides(args, job, run_dir, prefix, tokenizer, steps),
+                             stability_overrides(args, steps))
+
+
+def _base_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Path, steps: int) -> list[str]:
     return [
         f"name=demo-{job.key}", f"model.placement={job.placement}", f"model.num_layers={args.layers}",
         f"model.hidden_size={args.hidden}", f"model.num_attention_heads={args.heads}",
@@ -97,6 +103,16 @@ def recipe_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Pat
         "logging.tensorboard=false",
     ]  # every step logged: the stability figures count steps (a JSON line per step costs nothing here)
 
+
+
+def stability_overrides(args, steps: int) -> list[str]:
+    """--on-spike rollback: a checkpoint every tenth of the run (a rollback loses at most that much), a
+    short history before the spike score acts, and the same choice for a non-finite loss."""
+    if getattr(args, "on_spike", "log") != "rollback":
+        return []
+    return ["stability.on_spike=rollback", "stability.on_nonfinite=rollback", "stability.skip_margin=1",
+            f"stability.min_history={max(min(steps // 10, 10), 2)}", f"checkpoint.interval={max(steps // 10, 1)}",
+            "stability.max_lost_fraction=0.2"]
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from periln_megatron.demo.console import log
-from periln_megatron.training.metrics import MetricsError, read_metrics
+from periln_megatron.training.metrics import MetricsError, read_metrics, rollback_counts
 
 PLACEMENTS = (("peri", "Peri-LN"), ("pre", "Pre-LN"))
 LABEL = dict(PLACEMENTS)
@@ -56,6 +56,8 @@ class RunSummary:
     grad_curve: list = None          # [(step, grad_norm)] at the steps of train_curve (None where not logged)
     warmup: int = 0                  # the learning-rate warm-up's steps (recipe optim.warmup_steps)
     peak_act: float | None = None    # the largest max|act| of any layer at any measured step
+    rollbacks: int = 0               # stability.on_spike: rollback events and the global batches they skipped
+    skipped_batches: int = 0
 
     @property
     def label(self) -> str:
@@ -77,6 +79,7 @@ def summarise_run(run_dir: Path) -> RunSummary:
     measured = [s for s, r in records.items() if r.get("layer_variance")]
     tail = [l for _, l in train_curve[-5:]]
     grads = [records[s].get("grad_norm") for s, _ in train_curve]
+    rollbacks, skipped = rollback_counts(run_dir)
     maxes = [m for r in records.values() for m in (r.get("layer_max_abs") or []) if isinstance(m, (int, float))]
     return RunSummary(
         run_dir=run_dir, placement=recipe["model"]["placement"], lr=float(recipe["optim"]["lr"]),
@@ -92,5 +95,6 @@ def summarise_run(run_dir: Path) -> RunSummary:
         wall_s=outcome.get("wall_s"), cpu_s=outcome.get("cpu_s"),
         grad_curve=[(s, g if isinstance(g, (int, float)) else None) for (s, _), g in zip(train_curve, grads)],
         warmup=int(recipe["optim"].get("warmup_steps") or 0), peak_act=max(maxes) if maxes else None,
+        rollbacks=rollbacks, skipped_batches=skipped,
     )
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from periln_megatron.config.choices import PLACEMENT_NAMES
 from periln_megatron.ladder.grid import Grid, Run, lr_text, run_recipe
 from periln_megatron.ladder.state import RunState, load_jobs, run_state
-from periln_megatron.training.metrics import MetricsError, read_metrics
+from periln_megatron.training.metrics import MetricsError, read_metrics, rollback_counts
 
 CSV_COLUMNS = ("recipe", "placement", "lr", "n_seeds", "val_loss_mean", "val_loss_std", "n_diverged", "n_unfinished",
-               "spikes", "last_layer_variance", "last_layer_max_abs", "tokens")
+               "spikes", "rollbacks", "skipped_batches", "last_layer_variance", "last_layer_max_abs", "tokens")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class RunResult:
     state: RunState
     val_loss: float | None = None
     spikes: int = 0
+    rollbacks: int = 0               # stability.on_spike: rollback events, and the global batches they skipped
+    skipped_batches: int = 0
     last_layer_variance: float | None = None
     last_layer_max_abs: float | None = None
     tokens: int = 0
@@ -85,6 +87,8 @@ class Cell:
         return {"recipe": self.recipe, "placement": self.placement, "lr": lr_text(self.lr), "n_seeds": len(self.losses),
                 "val_loss_mean": self.mean, "val_loss_std": self.std, "n_diverged": self.n_diverged,
                 "n_unfinished": self.n_unfinished, "spikes": sum(r.spikes for r in self.runs),
+                "rollbacks": sum(r.rollbacks for r in self.runs),
+                "skipped_batches": sum(r.skipped_batches for r in self.runs),
                 "last_layer_variance": self._mean_of("last_layer_variance"),
                 "last_layer_max_abs": self._mean_of("last_layer_max_abs"),
                 "tokens": sum(r.tokens for r in self.runs)}
@@ -103,6 +107,7 @@ def run_result(run: Run, state: RunState) -> RunResult:
     if out.val_loss is not None and not math.isfinite(out.val_loss):
         out.val_loss = None
     out.spikes = sum(1 for r in records.values() if r.get("spike"))
+    out.rollbacks, out.skipped_batches = rollback_counts(run.dir)
     measured = [r for r in records.values() if isinstance(r.get("layer_variance"), list)]
     if measured:
         last = measured[-1]
@@ -259,10 +264,11 @@ def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str]
                 f"{lr_text(c.lr)} ({_cell_text(c)})" if c else "none (no seed finished)"))
         div = sum(c.n_diverged for c in mine)
         lines += [f"- diverged runs: {div} of {sum(len(c.runs) for c in mine)}", ""]
-    lines += ["## Per-run numbers", "", "| run | state | final val loss | spikes | last-layer variance | "
-              "last-layer max\\|act\\| | tokens |", "|---|---|---|---|---|---|---|"]
+    lines += ["## Per-run numbers", "", "| run | state | final val loss | spikes | rollbacks (batches skipped) | "
+              "last-layer variance | last-layer max\\|act\\| | tokens |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.run.name} | {r.state.state} | {_fmt(r.val_loss)} | {r.spikes} | "
+                     f"{r.rollbacks} ({r.skipped_batches}) | "
                      f"{_fmt(r.last_layer_variance, '.4g')} | {_fmt(r.last_layer_max_abs, '.4g')} | {r.tokens:,} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += list(extra_sections)

@@ -149,6 +149,15 @@ def read_events(path: Path, kind: str = "rollback", warn=None) -> list[dict]:
     return list(out.values())
 
 
+def rollback_counts(run_dir: Path) -> tuple[int, int]:
+    """(rollbacks, global batches they skipped) of a run; (0, 0) without a metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0, 0
+    events = read_events(path)
+    return len(events), sum(int(e.get("skipped_batches") or 0) for e in events)
+
+
 def _cut_record(line: str) -> bool:
     """A line a kill cut short: what json.dumps(record) writes (printable), up to some point."""
     return line.isprintable() and (line.startswith(RECORD_START) or RECORD_START.startswith(line))
