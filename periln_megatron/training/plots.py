@@ -272,12 +272,7 @@ def loss_plot(runs: list[Run], path: Path) -> Drawn:
         if vsteps:
             _plot(ax, drawn, vsteps, vlosses, f"{run.label}{seed} valid", linestyle="--", marker="s", markersize=3,
                   **style)
-        spikes = [s for s in _spikes(run, "loss") if isinstance(run.records[s].get("loss"), (int, float))]
-        if spikes:
-            ys = [run.records[s]["loss"] for s in spikes]
-            ax.scatter(spikes, ys, marker=markers[style["color"]], color=style["color"], edgecolors="black",
-                       zorder=3, label=f"{run.label}{seed} loss spikes")
-            drawn.append((f"{run.label}{seed} loss spikes", spikes, ys))
+        _mark_spikes(ax, drawn, run, "loss", f"{run.label}{seed} loss spikes", style["color"], markers)
     if not drawn:
         plt.close(fig)
         return drawn
@@ -291,6 +286,15 @@ def loss_plot(runs: list[Run], path: Path) -> Drawn:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+def _mark_spikes(ax, drawn: Drawn, run: Run, key: str, label: str, color, markers: dict) -> None:
+    """`run`'s `key` spikes as markers on its own `key` curve, in its colour and its model's marker."""
+    spikes = [s for s in _spikes(run, key) if isinstance(run.records[s].get(key), (int, float))]
+    if spikes:
+        ys = [run.records[s][key] for s in spikes]
+        ax.scatter(spikes, ys, marker=markers[color], color=color, edgecolors="black", zorder=3, label=label)
+        drawn.append((label, spikes, ys))
 
 
 def grad_plot(runs: list[Run], path: Path, curve_runs: list[Run] | None = None) -> Drawn:
@@ -314,12 +318,7 @@ def grad_plot(runs: list[Run], path: Path, curve_runs: list[Run] | None = None) 
         if finite:
             _plot(left, drawn_left, [s for s, _ in finite], [n for _, n in finite], name, linestyle=dashes[run.lr],
                   **style)
-        spikes = [s for s in _spikes(run, "grad_norm") if isinstance(run.records[s].get("grad_norm"), (int, float))]
-        if spikes:
-            ys = [run.records[s]["grad_norm"] for s in spikes]
-            left.scatter(spikes, ys, marker=markers[style["color"]], color=style["color"], edgecolors="black",
-                         zorder=3, label=f"{name} grad-norm spikes")
-            drawn_left.append((f"{name} grad-norm spikes", spikes, ys))
+        _mark_spikes(left, drawn_left, run, "grad_norm", f"{name} grad-norm spikes", style["color"], markers)
     for i, run in enumerate(runs):
         measured = run.measured("layer_grad_norm")
         if measured:
