@@ -33,15 +33,14 @@ def ladder(cluster, *args) -> subprocess.CompletedProcess:
     return r
 
 
-def preempt(cluster, job: str) -> None:
-    """A preemption notice (USR1) to one array task's batch shell. This Slurm (22.05) delivers it but
-    answers "Job can not be altered now" while the task has a running srun step, and scancel then
-    re-sends it every 5 s; a second USR1 would reach the trainer after its save. One attempt only."""
-    try:
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, capture_output=True,
-                       timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
+def preempt(cluster, job: str) -> subprocess.Popen:
+    """A preemption notice (USR1) to one array task's batch shell, as a site's preemption sends it.
+    This Slurm (22.05) delivers it but answers "Job can not be altered now" while the task has a
+    running srun step, and scancel re-sends it every 5 s: the trainer must survive the repeats that
+    arrive after its save, while it exits 75 (it ignores its stop signals once the loop is over).
+    The caller stops scancel once the task has requeued."""
+    return subprocess.Popen(["scancel", "--signal=USR1", "--batch", job], env=cluster.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def status_rows(text: str) -> dict[str, list[str]]:
@@ -58,8 +57,12 @@ def array(slurm, tmp_path_factory):
     task = f"{array_id}_0"
     log = root / "runs" / "logs" / f"slmini-tiny-{array_id}_0.out"
     wait_for_log(slurm, task, log, r"^step 2/", timeout=150)
-    preempt(slurm, task)
-    wait_for_log(slurm, task, log, r"requeueing job", timeout=90)
+    notice = preempt(slurm, task)
+    try:
+        wait_for_log(slurm, task, log, r"requeueing job", timeout=90)
+    finally:
+        notice.kill()
+        notice.wait()
     requeued = ladder(slurm, "status", str(grid)).stdout
     wait_through_requeue(slurm, task, timeout=180)
     for other in ("1", "2", "3"):

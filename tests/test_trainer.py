@@ -49,6 +49,32 @@ def test_resharding_tp2_checkpoint(tmp_path, straight_run, layout):
     assert_resumed(out, tmp_path, 10, expected, [11], exact=False, abs_tol=1e-5)
 
 
+SIGNALS_AFTER_THE_LOOP = """
+import signal, sys
+from periln_megatron.cli import train_main
+signal.signal(signal.SIGUSR2, signal.default_int_handler)  # not a stop signal: left alone
+code = train_main(sys.argv[1:])
+print("after", code, {s.name: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)},
+      signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+"""
+
+
+def test_stop_signals_are_ignored_once_the_loop_is_over(tmp_path):
+    """Python resets its handlers to the default action at interpreter shutdown, which takes seconds
+    after torch and megatron-core: a repeated preemption notice (Slurm resends USR1) arriving then
+    killed a rank that had saved and was exiting 75 (exit 138). After the loop the trainer's stop
+    signals are ignored (SIG_IGN survives shutdown); Ctrl-C is not."""
+    import sys
+
+    from launch import run
+
+    out = run([sys.executable, "-c", SIGNALS_AFTER_THE_LOOP, "--recipe", TINY, "--set", "train.steps=3",
+               "checkpoint.interval=0", f"checkpoint.dir={tmp_path}"], timeout=240).stdout
+    line = [x for x in out.splitlines() if x.startswith("after ")]
+    assert line == ["after 0 {'SIGTERM': <Handlers.SIG_IGN: 1>, 'SIGUSR1': <Handlers.SIG_IGN: 1>, "
+                    "'SIGUSR2': <built-in function default_int_handler>} False"], out[-3000:]
+
+
 def test_sigterm_saves_and_exits_75(tmp_path):
     args = [*TRAIN, "--set", "train.steps=1000", "checkpoint.interval=0", f"checkpoint.dir={tmp_path}"]
     procs = spawn_ranks(2, args, tmp_path / "logs")

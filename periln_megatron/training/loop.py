@@ -269,6 +269,7 @@ def train(recipe: Recipe, tokenizer, exit_after_minutes: float | None = None) ->
             metrics.log({"step": iteration, "final_valid_loss": final})
         return EXIT_FINISHED
     finally:
+        stop.settle()
         metrics.close()
         for prefetcher in (train_batches, valid_batches):
             if prefetcher is not None:

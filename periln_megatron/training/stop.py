@@ -26,8 +26,19 @@ class StopFlag:
         self.rank = rank
         self.first_sigint: float | None = None
         self.deadline = time.monotonic() + 60 * exit_after_minutes if exit_after_minutes else None
+        self.signals = [getattr(signal, name) for name in signals if name != "SIGINT"]
         for name in {*signals, "SIGINT"}:
             signal.signal(getattr(signal, name), self._handle)
+
+    def settle(self) -> None:
+        """The loop is over (saved, finished or failing): the stop signals are ignored from here on.
+        Python resets its signal handlers to the default action when the interpreter shuts down, and
+        tearing down torch and megatron-core takes seconds; Slurm repeats a preemption notice (scancel
+        --signal=USR1 --batch resends it every few seconds), and one arriving then killed a rank that had
+        saved and was exiting 75 (exit 138), so the job was not requeued. SIG_IGN survives shutdown.
+        Ctrl-C keeps its meaning."""
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         # os.write, not print: the handler may interrupt a print to the same stream
