@@ -1,4 +1,5 @@
-"""Run real multi-process jobs under torchrun for tests, never leaving processes behind."""
+"""Run real multi-process jobs for tests (forked from tests/zygote.py, or spawned as srun does),
+never leaving processes behind."""
 
 from __future__ import annotations
 
@@ -20,17 +21,12 @@ def free_port() -> int:
 
 
 def run_torchrun(nproc: int, script_and_args: list[str], timeout: float = 300, env: dict | None = None,
-                 check: bool = True, real: bool = False) -> subprocess.CompletedProcess:
+                 check: bool = True) -> subprocess.CompletedProcess:
     """`nproc` ranks of `python SCRIPT_AND_ARGS` on 127.0.0.1 with torchrun's environment, forked from
-    the test fork server (tests/zygote.py); `real=True` starts torchrun itself. Either way the whole job
-    is killed on timeout."""
-    if not real:
-        return _forked(script_and_args, nproc, timeout, env, check, REPO)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_and_args,
-    ]
-    return run(cmd, timeout=timeout, env=env, check=check)
+    the test fork server (tests/zygote.py); the whole job is killed on timeout. The launchers themselves
+    run for real elsewhere: periln-launch (torchrun) in test_faults.py and the gpu_check rehearsal, srun
+    in the Slurm tests."""
+    return _forked(script_and_args, nproc, timeout, env, check, REPO)
 
 
 def _environment(env: dict | None) -> dict:
@@ -46,10 +42,10 @@ def forkable(cmd: list[str]) -> bool:
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True,
-        cwd: Path | str = REPO, real: bool = False) -> subprocess.CompletedProcess:
+        cwd: Path | str = REPO) -> subprocess.CompletedProcess:
     """Run a command to completion, output and errors together; Python commands of this interpreter
-    are forked from the test fork server unless `real`."""
-    if not real and forkable(cmd):
+    are forked from the test fork server."""
+    if forkable(cmd):
         return _forked(cmd[1:], None, timeout, env, check, cwd)
     full_env = _environment(env)
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -104,7 +104,6 @@ def _base_overrides(args, job: Job, run_dir: Path, prefix: Path, tokenizer: Path
     ]  # every step logged: the stability figures count steps (a JSON line per step costs nothing here)
 
 
-
 def stability_overrides(args, steps: int) -> list[str]:
     """--on-spike rollback: a checkpoint every tenth of the run (a rollback loses at most that much), a
     short history before the spike score acts, and the same choice for a non-finite loss."""
