@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from periln_megatron.config import combine_overrides
 from periln_megatron.config.choices import BACKENDS
@@ -57,6 +58,19 @@ MULTI_BUCKET = "parallel.ddp_bucket_size=1000000"  # ~5 buckets of the 5.2M-para
 STOP_AFTER_FIRST_STEP = ("--exit-after-minutes", "1e-4")  # saves after step 1 and exits 75
 
 
+# How a check starts a process: (argv after `python`, nproc or None, environment) -> (exit status, output).
+Launcher = Callable[[list[str], "int | None", dict], tuple[int, str]]
+
+
+def launch_process(argv: list[str], nproc: int | None, env: dict) -> tuple[int, str]:
+    """`python ARGV` from the checkout; with `nproc`, ARGV (`-m MODULE ...`) on nproc ranks through
+    periln-launch (torchrun), as users launch, with periln-launch's exit status."""
+    launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "periln_megatron.launch", "--standalone",
+                                                       f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, *argv], cwd=REPO, capture_output=True, text=True, env=env)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 @dataclass
 class Run:
     name: str
@@ -72,8 +86,10 @@ class Run:
 
 
 class GpuCheck:
-    def __init__(self, out: Path, device: str = "gpu", extra_sets: list[str] | None = None, echo=print):
+    def __init__(self, out: Path, device: str = "gpu", extra_sets: list[str] | None = None, echo=print,
+                 launch: Launcher = launch_process):
         self.out = out
+        self.launch = launch
         self.device = device
         self.extra = list(extra_sets or [])
         self.echo = echo
@@ -96,22 +112,25 @@ class GpuCheck:
         CUDA_DEVICE_MAX_CONNECTIONS for TP), in its own directory unless `run_dir` continues one."""
         run_dir = run_dir or self.out / name
         cpu = ["model.backend=local"] if self.device == "cpu" else []
-        cmd = [sys.executable, "-m", "periln_megatron.launch", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "periln_megatron.train", *args, "--recipe", recipe, "--set",
-               *combine_overrides(BASE, sets, cpu, self.extra, [f"checkpoint.dir={run_dir}"])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        argv = ["-m", "periln_megatron.train", *args, "--recipe", recipe, "--set",
+                *combine_overrides(BASE, sets, cpu, self.extra, [f"checkpoint.dir={run_dir}"])]
+        env = self.environment()
         if self.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", "1")
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        log = proc.stdout + proc.stderr
+        code, log = self.launch(argv, nproc, env)
         (self.out / f"{name}.log").write_text(log)
         try:
             records = read_metrics(run_dir)
         except MetricsError:
             records = {}
-        run = Run(name, proc.returncode, log, run_dir, series(records, "loss"), records)
+        run = Run(name, code, log, run_dir, series(records, "loss"), records)
         self.runs[name] = run
         return run
+
+    @staticmethod
+    def environment(**extra: str) -> dict:
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                **extra}
 
     def check_training(self, name: str, recipe: str, sets: list[str], nproc: int = 1) -> Run | None:
         started = time.monotonic()
@@ -218,11 +237,10 @@ class GpuCheck:
                         f"(ratio {ratio:.2f}, tolerance {MEMORY_TOLERANCE:.0%})")
 
     def gpu_tests(self) -> None:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests"], cwd=REPO,
-                               capture_output=True, text=True)
-        (self.out / "pytest-gpu.log").write_text(tests.stdout + tests.stderr)
-        summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
-        self.record("pytest -m gpu", "PASS" if tests.returncode == 0 else "FAIL", summary)
+        code, log = self.launch(["-m", "pytest", "-q", "-rs", "-m", "gpu", "tests"], None, self.environment())
+        (self.out / "pytest-gpu.log").write_text(log)
+        summary = (log.strip().splitlines() or ["no output"])[-1]
+        self.record("pytest -m gpu", "PASS" if code == 0 else "FAIL", summary)
 
     def backend_resume(self) -> None:
         """A te checkpoint resumes on the local backend (local -> te: te_backend)."""
@@ -255,18 +273,16 @@ class GpuCheck:
     def hf_parity(self, name: str, run_dir: Path) -> None:
         """Checkpoint -> convert_to_hf -> transformers, against megatron in fp32 on the CPU."""
         hf_dir = self.out / f"{name}-hf"
-        export = subprocess.run([sys.executable, "tools/convert_to_hf.py", str(run_dir), str(hf_dir)],
-                                cwd=REPO, capture_output=True, text=True)
-        if export.returncode != 0:
-            self.record(name, "FAIL", export.stdout[-300:] + export.stderr[-300:])
+        code, log = self.launch(["tools/convert_to_hf.py", str(run_dir), str(hf_dir)], None, self.environment())
+        if code != 0:
+            self.record(name, "FAIL", log[-600:])
             return
         result_file = self.out / f"{name}.json"
         latest = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
-        parity = subprocess.run([sys.executable, "tests/workers/hf_parity.py", str(run_dir / f"iter_{latest:07d}"),
-                                 str(hf_dir), str(result_file)], cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
-        if parity.returncode != 0:
-            self.record(name, "FAIL", parity.stderr[-400:])
+        code, log = self.launch(["tests/workers/hf_parity.py", str(run_dir / f"iter_{latest:07d}"), str(hf_dir),
+                                 str(result_file)], None, self.environment(CUDA_VISIBLE_DEVICES=""))
+        if code != 0:
+            self.record(name, "FAIL", log[-400:])
             return
         r = json.loads(result_file.read_text())
         good = r["max_abs_diff"] <= 1e-4 and r["megatron_greedy"] == r["hf_greedy"]

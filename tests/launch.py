@@ -123,10 +123,13 @@ def _forked(argv: list[str], nproc: int | None, timeout: float, env: dict | None
         out = Path(out_path).read_text(errors="replace")
         if not answer:
             raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-        status = json.loads(answer)["status"]
+        answer = json.loads(answer)
+        status = answer["status"]
         if not isinstance(status, int):
             raise AssertionError(f"the fork server's job ended without an exit status: {' '.join(cmd)}\n{out[-4000:]}")
-        return _result(cmd, status, out, check)
+        result = _result(cmd, status, out, check)
+        result.codes = answer["codes"]  # each rank's exit status (-N: signal N)
+        return result
     finally:
         conn.close()
         os.unlink(out_path)

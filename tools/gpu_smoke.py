@@ -18,10 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from periln_megatron.gpu_check import REPO, GpuCheck, check_checkout, fresh_dir
+from periln_megatron.gpu_check import REPO, GpuCheck, Launcher, check_checkout, fresh_dir, launch_process
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launch: Launcher = launch_process) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     out = fresh_dir(args.out)
     print(f"gpu-check: runs and logs in {out}", flush=True)
     check = GpuCheck(out, device=args.device, extra_sets=args.extra,
-                     echo=lambda line: print(line, flush=True))
+                     echo=lambda line: print(line, flush=True), launch=launch)
     check.run_all()
     failed = check.failed
     print(f"{len(check.results) - len(failed)} checks passed or skipped, {len(failed)} failed", flush=True)

@@ -1,6 +1,7 @@
-"""The demo's processes: the training runs (one `python -m periln_megatron.train` each, --jobs at a
-time, progress and ETA read from each run's metrics.jsonl, the outcome from its exit status), the
-parallelism check, and the package's tools run as modules."""
+"""The demo's processes: the training runs (each `periln-train` in a process forked from the demo's
+(training/fork.py), --jobs at a time, progress and ETA read from each run's metrics.jsonl, the outcome
+from its exit status), the parallelism check (2 ranks through torchrun), and the package's tools,
+called in process through their `main`."""
 
 from __future__ import annotations
 
@@ -22,27 +23,32 @@ from periln_megatron.config.load import combine_overrides
 from periln_megatron.demo.console import fmt_time, log
 from periln_megatron.demo.summary import LABEL, OUTCOME, finished, run_metrics
 from periln_megatron.exit_codes import EXIT_FINISHED, EXIT_NONFINITE
+from periln_megatron.training.fork import fork_training, preload
 from periln_megatron.training.metrics import series
 
 # The base recipe of every run (the demo's --set overrides give the rest): package data, no checkout needed.
 BASE_RECIPE = Path(__file__).with_name("recipe.yaml")
 TOOL_MODULES = {  # the package's command-line tools the demo runs (tools/<name>.py are the same commands)
     "train_tokenizer": "periln_megatron.data.tokenizers.train",
-    "preprocess_data": "periln_megatron.data.preprocess",
+    "preprocess_data": "periln_megatron.data.preprocess.cli",
     "plot_diagnostics": "periln_megatron.commands.plot_diagnostics",
 }
 POLL_S = 1.0  # how often a running job's metrics.jsonl is read for progress
 STDOUT_LOG, STDERR_LOG = "train_stdout.log", "train_stderr.log"  # in the run directory, one launch's output
 
 
-def _tool_module(name: str) -> str:
-    return TOOL_MODULES[name]
-
-
 def run_module(name: str, args: list, what: str) -> None:
-    """`python -m` the package's tool `name` (a key of TOOL_MODULES) with `args`."""
+    """The package's tool `name` (a key of TOOL_MODULES) with `args`, through its `main` in this process."""
+    import importlib
+
     log(what)
-    subprocess.run([sys.executable, "-m", _tool_module(name), *map(str, args)], check=True)
+    argv = list(map(str, args))
+    try:
+        code = importlib.import_module(TOOL_MODULES[name]).main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    if code:
+        raise SystemExit(f"demo: {name} {' '.join(argv)} failed (exit {code})")
 
 
 def cpu_seconds() -> float:
@@ -66,7 +72,8 @@ class Job:
     steps: int
     role: str         # main | seed | sweep
     run_dir: Path = None
-    process: subprocess.Popen = None
+    pid: int = 0
+    code: int | None = None
     started: float = 0.0
     start_step: int = 0   # the last step logged before this launch (0: a fresh run)
     step: int = 0         # the last step whose record has been read from metrics.jsonl
@@ -135,20 +142,19 @@ class Trainer:
             print(f"  {job.title}: resuming from its step-{resumed} checkpoint", flush=True)
         # a killed run's records past its checkpoint stay in metrics.jsonl until the resumed run gets there
         job.start_step = job.step = max([resumed, *series(run_metrics(job.run_dir), "loss")])
-        cmd = [sys.executable, "-m", "periln_megatron.train", "--recipe", str(BASE_RECIPE),
-               "--set", *recipe_overrides(self.args, job, job.run_dir, self.prefix, self.tokenizer)]
+        argv = ["--recipe", str(BASE_RECIPE), "--set",
+                *recipe_overrides(self.args, job, job.run_dir, self.prefix, self.tokenizer)]
         threads = max(1, (os.cpu_count() or 1) // self.args.jobs)
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                                 "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+        for name in (STDOUT_LOG, STDERR_LOG):  # one launch's output
+            (job.run_dir / name).unlink(missing_ok=True)
         job.started = time.monotonic()
-        with open(job.run_dir / STDOUT_LOG, "w") as out, open(job.run_dir / STDERR_LOG, "w") as err:
-            job.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        job.pid = fork_training(argv, job.run_dir / STDOUT_LOG, job.run_dir / STDERR_LOG, threads=threads,
+                                ignore_warnings=True)
         threading.Thread(target=self._wait, args=(job,), daemon=True).start()
 
     def _wait(self, job: Job) -> None:
-        _, status, usage = os.wait4(job.process.pid, 0)  # the run's own CPU time, not only the total
-        job.process.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(job.pid, 0)  # the run's own CPU time, not only the total
+        job.code = os.waitstatus_to_exitcode(status)
         job.cpu_s = usage.ru_utime + usage.ru_stime
         self.exited.put(job)
 
@@ -164,6 +170,8 @@ class Trainer:
                 pending.append(job)
         running: list[Job] = []
         total = len(pending)
+        if pending:
+            preload()
         while pending or running:
             while pending and len(running) < self.args.jobs:
                 job = pending.pop(0)
@@ -216,7 +224,7 @@ class Trainer:
         return f"this run {fmt_time(mine)}, all training {fmt_time(max(mine, rest / self.args.jobs))}"
 
     def _finish(self, job: Job) -> None:
-        code = job.process.returncode
+        code = job.code
         errors = _tail(job.run_dir / STDERR_LOG, 40)
         if code == EXIT_FINISHED:
             status, message = "finished", ""

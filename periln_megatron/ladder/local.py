@@ -13,17 +13,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 from periln_megatron.exit_codes import EXIT_INTERRUPTED
 from periln_megatron.ladder.grid import Run
 from periln_megatron.ladder.state import EXIT_FILE, PID_FILE, write_exit
+from periln_megatron.training.fork import fork_training, preload
 
 LOG_FILE = "train.log"
-# A forked run trains alone: a launcher's or Slurm's rank variables in this shell would describe another job.
-RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT",
-                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_NODELIST")
 
 
 def _train_args(run: Run) -> list[str]:
@@ -31,31 +28,7 @@ def _train_args(run: Run) -> list[str]:
 
 
 def _fork(run: Run) -> int:
-    log = os.open(run.dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    pid = os.fork()
-    if pid:
-        os.close(log)
-        return pid
-    code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        for var in RANK_VARIABLES:
-            os.environ.pop(var, None)
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        from periln_megatron.cli import train_main
-
-        code = train_main(_train_args(run))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 2
-    except BaseException:  # noqa: BLE001 - the child must never return into the ladder
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    return fork_training(_train_args(run), run.dir / LOG_FILE, threads=int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 def _launch(run: Run) -> subprocess.Popen:
@@ -71,7 +44,7 @@ def run_local(runs: list[Run], jobs: int, say=print) -> dict[str, int]:
         if run.nodes > 1:
             raise ValueError(f"run {run.name}: {run.nodes} nodes; --local runs on one machine (set nodes: 1)")
     if any(run.gpus == 1 for run in runs):
-        import periln_megatron.training.loop  # noqa: F401 - imported once here, inherited by every fork
+        preload()
 
     pending, active, codes = list(runs), {}, {}
     try:
