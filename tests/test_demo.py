@@ -2,6 +2,7 @@
 degeneracy check, the held-back prompt, the shipped base recipe, and a reduced demo end to end (the
 `quick` preset), from the checkout and from an installed wheel in another directory."""
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -317,6 +318,13 @@ def test_reduced_demo(tmp_path):
     assert "Near-duplicate check of the prompt's document: " in report
     assert "Matmul throughput of this machine: " in report and summary["timing"]["gemm_gflops"] > 0
     assert "## Loss and stability per run" in report and "## What this run shows" in report
+    # the ladder's report of the demo's runs (demo/ladder.py): one aggregation of metrics.jsonl for both
+    cells = {row["placement"]: row for row in csv.DictReader((out / "summary.csv").open())}
+    assert set(cells) == {"peri", "pre"}
+    for placement, row in cells.items():
+        assert float(row["val_loss_mean"]) == runs[placement].valid_loss and row["n_seeds"] == "1", row
+    assert "## Final validation loss: " in report and "- best LR for Peri-LN: 0.01 (" in report
+    assert (out / "lr_sensitivity.png").read_bytes()[:8] == PNG
 
     # re-running resumes: nothing is retrained, the report is rewritten
     again = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=600)

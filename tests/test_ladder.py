@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -218,3 +219,52 @@ def test_run_states_from_exit_status_metrics_and_queue(tmp_path):
     requeued = state("requeued", [3.0, 2.5], 0, "7_4", queued="pending")
     assert (requeued.state, requeued.step) == ("pending", 2)
     assert state("lost", [], None, "7_5").state == "failed"  # left the queue without training
+
+
+# ----------------------------------------------------------------------------- report --eval
+
+def test_report_eval_scores_every_finished_run_and_averages_over_seeds(spm1k, tmp_path):
+    """report --eval: each finished run exported to <ladder dir>/hf/<run> and scored by tools/evaluate.py. Offline the
+    paper's task group cannot load its datasets, so every run is scored on --eval-text's documents; the
+    report's mean and seed spread are those of the runs' own scores, and a run's score is what
+    tools/evaluate.py prints for its export."""
+    import corpus
+
+    grid = write_grid(tmp_path / "grid.yaml", name="evalmini", lrs=[1e-2],
+                      set=["train.steps=3", "train.eval_interval=3", "train.eval_iters=1", "diagnostics.interval=0",
+                           "checkpoint.interval=0",
+                           "tokenizer.type=SentencePieceTokenizer", f"tokenizer.model={spm1k}", "model.vocab_size=null"])
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus.wikitext_paragraphs("test")[:12]))
+    ladder = [sys.executable, "tools/ladder.py"]
+    offline = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run([*ladder, "submit", str(grid), "--local", "--jobs", "2"], timeout=300)
+    out = run([*ladder, "report", str(grid), "--eval", "--eval-text", str(docs)], env=offline, timeout=600).stdout
+    assert "--eval-tasks periln_paper cannot be evaluated here" in out and f"scored on {docs} instead" in out, out
+
+    runs = load_grid(grid).runs
+    scores = {r.name: json.loads((r.dir / "eval.json").read_text())["score"] for r in runs}
+    assert all(s["metric"] == "docs.jsonl token NLL" and not s["higher_is_better"] for s in scores.values()), scores
+    for row in csv.DictReader((load_grid(grid).dir / "summary.csv").open()):
+        mine = [scores[r.name]["value"] for r in runs if r.placement == row["placement"]]
+        assert row["eval_metric"] == "docs.jsonl token NLL" and row["eval_n"] == "2"
+        assert float(row["eval_mean"]) == pytest.approx(statistics.fmean(mine), rel=1e-12)
+        assert float(row["eval_std"]) == pytest.approx(statistics.stdev(mine), rel=1e-12)
+    report = (load_grid(grid).dir / "report.md").read_text()
+    assert "## Downstream evaluation" in report and "docs.jsonl token NLL" in report
+
+    first = runs[0]
+    assert (first.dir.parent / "hf" / first.name / "config.json").is_file()  # beside the runs, never inside one
+    direct = run([sys.executable, "tools/evaluate.py", str(first.dir.parent / "hf" / first.name), "--text-file", str(docs)],
+                 env=offline, timeout=300).stdout
+    nll = float(re.search(r"token-level NLL (\S+) nats/token", direct).group(1))
+    assert nll == pytest.approx(scores[first.name]["value"], abs=1e-6)
+    again = run([*ladder, "report", str(grid), "--eval", "--eval-text", str(docs)], env=offline, timeout=120).stdout
+    assert "scoring" not in again and "exporting" not in again  # kept from eval.json
+
+
+def test_report_eval_one_line_errors(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml")
+    code, _, err = cli("report", str(grid), "--eval", "--eval-text", str(tmp_path / "none.jsonl"))
+    assert code == 2 and err.strip().splitlines() == [f"periln-ladder: error: --eval-text {tmp_path / 'none.jsonl'}: "
+                                                      "no such file"], err

@@ -16,9 +16,12 @@ import pytest
 from slurm_cluster import REPO, slurm  # noqa: F401  (pytest fixture)
 from test_slurm import read, wait_for_log, wait_through_requeue
 
+# one xdist worker runs every Slurm test, one after another (make test: pytest -n 2 --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("slurm")
+
 STEPS = 20
 GRID = {"name": "slmini", "recipes": ["recipes/tiny/peri_ln.yaml"], "placements": ["peri", "pre"],
-        "seeds": [1, 2], "lrs": [3.0e-3],
+        "seeds": [1, 2], "lrs": [3.0e-3, 1.0e-2],
         "set": [f"train.steps={STEPS}", f"train.eval_interval={STEPS}", "train.eval_iters=1",
                 f"diagnostics.interval={STEPS}", "checkpoint.interval=0"], "nodes": 1, "gpus_per_node": 1}
 # stand-ins for this GPU-less 2-core machine; they come after the grid's own and win
@@ -53,7 +56,7 @@ def array(slurm, tmp_path_factory):
     grid = root / "grid.yaml"
     grid.write_text(json.dumps({**GRID, "dir": str(root / "runs")}))
     first = ladder(slurm, "submit", str(grid), "--max-concurrent", "4", *SBATCH)
-    array_id = re.search(r"job array (\d+) \(4 runs, --array=0,1,2,3%4\)", first.stdout).group(1)
+    array_id = re.search(r"job array (\d+) \(8 runs, --array=0,1,2,3,4,5,6,7%4\)", first.stdout).group(1)
     task = f"{array_id}_0"
     log = root / "runs" / "logs" / f"slmini-tiny-{array_id}_0.out"
     wait_for_log(slurm, task, log, r"^step 2/", timeout=150)
@@ -65,7 +68,7 @@ def array(slurm, tmp_path_factory):
         notice.wait()
     requeued = ladder(slurm, "status", str(grid)).stdout
     wait_through_requeue(slurm, task, timeout=180)
-    for other in ("1", "2", "3"):
+    for other in "1234567":
         slurm.wait_job(f"{array_id}_{other}", timeout=180)
     done = ladder(slurm, "status", str(grid)).stdout
     before = slurm._run(["squeue", "-h", "-r", "-o", "%i"]).stdout
@@ -90,22 +93,23 @@ def test_status_shows_states_and_jobs(array):
     assert rows[name][:2] in (["pending", f"{array['array']}_0"], ["running", f"{array['array']}_0"]), array["requeued"]
     assert rows[name][2] != "-"  # the steps trained before the preemption
     rows = status_rows(array["done"])
-    assert len(rows) == 4 and all(r[0] == "finished" and r[2] == str(STEPS) for r in rows.values()), array["done"]
-    assert {r[1] for r in rows.values()} == {f"{array['array']}_{i}" for i in range(4)}
+    assert len(rows) == 8 and all(r[0] == "finished" and r[2] == str(STEPS) for r in rows.values()), array["done"]
+    assert {r[1] for r in rows.values()} == {f"{array['array']}_{i}" for i in range(8)}
 
 
 def test_resubmission_submits_nothing(array):
-    assert "4 runs (4 finished); submitting 0" in array["again"], array["again"]
+    assert "8 runs (8 finished); submitting 0" in array["again"], array["again"]
     assert array["queue"][0] == array["queue"][1]
 
 
 def test_report_equals_the_runs_metrics(array):
     rows = list(csv.DictReader((array["root"] / "runs" / "summary.csv").open()))
-    assert [(r["placement"], r["n_seeds"], r["n_diverged"]) for r in rows] == [("peri", "2", "0"), ("pre", "2", "0")]
+    assert [(r["placement"], r["lr"], r["n_seeds"], r["n_diverged"]) for r in rows] == [
+        (p, lr, "2", "0") for p in ("peri", "pre") for lr in ("0.003", "0.01")]
     for row in rows:
         losses = []
         for seed in (1, 2):
-            path = array["root"] / "runs" / f"tiny-{row['placement']}-lr0.003-s{seed}" / "metrics.jsonl"
+            path = array["root"] / "runs" / f"tiny-{row['placement']}-lr{row['lr']}-s{seed}" / "metrics.jsonl"
             losses += [json.loads(ln)["final_valid_loss"] for ln in path.read_text().splitlines()
                        if "final_valid_loss" in ln]
         assert len(losses) == 2

@@ -27,6 +27,9 @@ from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unava
 from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)
 from test_slurm import TEMPLATE, TINY, read, steps, trainer_pid, wait_for_log, wait_through_requeue
 
+# one xdist worker runs every Slurm test, one after another (make test: pytest -n 2 --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("slurm")
+
 STEPS = 20          # 2 ranks: enough steps for USR1 to arrive mid-run
 STEPS_4 = 6         # 4 ranks on this machine's 2 cores: fewer
 SETS = "parallel.tp=2 checkpoint.interval=1000"
@@ -116,6 +119,7 @@ def test_two_nodes_train_like_one(slurm_nodes, tmp_path, tmp_path_factory, per_n
 DIST_PROBE = """
 import datetime, os, socket, torch, torch.distributed as dist
 from periln_megatron.distributed.runtime import read_dist_env
+
 e = read_dist_env()
 dist.init_process_group("gloo", init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
                         world_size=e.world_size, timeout=datetime.timedelta(seconds=float(os.environ["PROBE_TIMEOUT"])))

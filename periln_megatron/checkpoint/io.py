@@ -135,6 +135,7 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
         target.mkdir(parents=True)
     torch.distributed.barrier()
 
+    _forked_write_results_queue()
     _allocate_adam_state(optimizer)
     with _parallel_optimizer_state(optimizer, enabled=fmt == "fully_parallel"):
         state = _sharded_state(chunks, optimizer, is_loading=False)
@@ -166,6 +167,22 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, recipe_yaml: 
                                   f"the marker still names iteration {latest_iteration(root)}") from e
         finalize()
     return target
+
+
+def _forked_write_results_queue() -> None:
+    """Without CUDA: megatron-core's queue of write results served by a forked Manager. megatron-core
+    makes that queue once per process from a *spawned* Manager, and a spawned process re-imports this
+    process's __main__ (the trainer: torch and megatron-core), ~5 s of CPU for every process that saves;
+    a forked one starts at once. With CUDA megatron-core's own choice stands (spawn keeps a CUDA
+    context out of the child)."""
+    if torch.cuda.is_available():
+        return
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _write_failure(target: Path, error: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from periln_megatron.config import RecipeError
 
@@ -38,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("grid")
     r = sub.add_parser("report", help="<dir>/report.md, <dir>/summary.csv and the plots")
     r.add_argument("grid")
+    r.add_argument("--eval", action="store_true",
+                   help="also export each finished run to Hugging Face (<dir>/hf/<run>) and score it with "
+                        "tools/evaluate.py (kept in <run dir>/eval.json): the paper's task group when its datasets "
+                        "load, else --eval-text's documents; the report adds the mean and seed spread")
+    r.add_argument("--eval-tasks", default="periln_paper", metavar="NAMES",
+                   help="lm-eval task or group for --eval (default periln_paper); '' for --eval-text only")
+    r.add_argument("--eval-text", type=Path, metavar="FILE",
+                   help="local documents (.jsonl or text) scored by token-level NLL when the tasks' datasets cannot "
+                        "be loaded (no network) or --eval-tasks ''")
     return parser
 
 
@@ -146,7 +156,20 @@ def _report(grid, args, extra) -> int:
     from periln_megatron.ladder.report import collect, write_report
     from periln_megatron.ladder.state import load_jobs, queue_states
 
-    path = write_report(grid, collect(grid, queue_states(list(load_jobs(grid.dir).values())) or {}))
+    results = collect(grid, queue_states(list(load_jobs(grid.dir).values())) or {})
+    if args.eval:
+        from periln_megatron.ladder.evaluate import LadderEvalError, evaluate_runs
+
+        if args.eval_text is not None and not args.eval_text.is_file():
+            print(f"periln-ladder: error: --eval-text {args.eval_text}: no such file", file=sys.stderr)
+            return 2
+        try:
+            evaluate_runs([r.run for r in results if r.finished], args.eval_tasks, args.eval_text)
+        except LadderEvalError as e:
+            print(f"periln-ladder: error: {e}", file=sys.stderr)
+            return 2
+        results = collect(grid, queue_states(list(load_jobs(grid.dir).values())) or {})
+    path = write_report(grid, results)
     print(f"wrote {path}, {path.parent / 'summary.csv'} and the plots")
     return 0
 

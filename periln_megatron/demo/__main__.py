@@ -17,6 +17,7 @@ from periln_megatron.demo.console import fmt_time, log
 from periln_megatron.demo.corpus import (build_corpus, corpus_note, corpus_stats, heldout_document, near_duplicates,
                                          sample_prompt, tokenize)
 from periln_megatron.demo.findings import classify
+from periln_megatron.demo.ladder import demo_grid, demo_results
 from periln_megatron.demo.machine import matmul_gflops
 from periln_megatron.demo.report import _g, write_report
 from periln_megatron.demo.runner import Job, Trainer, cpu_seconds, parallel_check, run_module
@@ -185,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"wall_s": round(time.monotonic() - started, 1), "cpu_s": round(cpu_seconds() - cpu_started, 1),
               "stages_s": stages, "load_average": round(os.getloadavg()[1], 1), "cores": os.cpu_count(),
               "gemm_gflops": round(matmul_gflops(), 1)}
-    report = write_report(out, args, runs, findings, stats, sample, check, plots, timing)
+    grid = demo_grid(args, out, jobs, prefix, tokenizer)
+    report = write_report(out, args, runs, findings, stats, sample, check, plots, timing, grid,
+                          demo_results(grid, jobs))
     for f in findings:
         log(f"{f.name}: {f.status}")
     log(f"done in {fmt_time(timing['wall_s'])} (CPU {fmt_time(timing['cpu_s'])}): {report}")

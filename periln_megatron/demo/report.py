@@ -1,5 +1,6 @@
-"""report.md and summary.json: the setting, warnings, the findings, per-layer tables, where the
-massive activations sit, losses and stability per run, the parallelism check, plots and the export check."""
+"""report.md and summary.json: the ladder's report of the demo's runs (demo/ladder.py) with the demo's
+sections around it: the setting, warnings, the findings, per-layer tables, where the massive
+activations sit, losses and stability per run, the parallelism check, plots and the export check."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from periln_megatron.demo.findings import Finding, peak, run_figures
 from periln_megatron.demo.machine import GEMM_SIZE
 from periln_megatron.demo.sample import SAMPLE_TOKENS
 from periln_megatron.demo.summary import PLACEMENTS, RunSummary
+from periln_megatron.ladder.grid import Grid
+from periln_megatron.ladder.report import RunResult
+from periln_megatron.ladder.report import write_report as write_ladder_report
 
 OVERFIT_RISE = 0.02      # nats: a validation loss this far above its minimum has risen
 MAX_EPOCHS = 2.0
@@ -184,14 +188,17 @@ def export_check(sample: dict, stats: CorpusStats, default_corpus: bool) -> list
 
 
 def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding], stats: CorpusStats,
-                 sample: dict | None, check: dict | None, plots: list[Path], timing: dict) -> Path:
+                 sample: dict | None, check: dict | None, plots: list[Path], timing: dict, grid: Grid,
+                 results: list[RunResult]) -> Path:
+    """report.md: the ladder's report of the demo's grid (the loss table, best learning rates, per-run
+    numbers, plots across runs, summary.csv), headed by the demo's setting and warnings and followed by
+    its findings and checks; and summary.json."""
     tokens_per_step = args.batch * args.seq_length
     main = {p: next((r for r in runs if r.placement == p and r.run_dir.name == p), None) for p, _ in PLACEMENTS}
     peri, pre = main["peri"], main["pre"]
     seen = args.steps * tokens_per_step
     gemm = timing.get("gemm_gflops")
-    lines = ["# Peri-LN vs Pre-LN, in miniature", "",
-             f"Corpus: {args.corpus_note}; {stats.documents} documents, {stats.tokens:,} tokens "
+    lines = [f"Corpus: {args.corpus_note}; {stats.documents} documents, {stats.tokens:,} tokens "
              f"(SentencePiece BPE, vocabulary {args.vocab_size}); training split {stats.train_tokens:,} tokens "
              f"in {stats.train_documents} documents, validation split {stats.valid_tokens:,} tokens.",
              f"Models: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads "
@@ -215,7 +222,7 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
     warn = warnings(runs, stats, tokens_per_step, getattr(args, "eval_iters", None))
     if warn:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warn] + [""]
-    lines += ["## What this run shows", "", HOW_JUDGED, ""]
+    intro, lines = lines, ["## What this run shows", "", HOW_JUDGED, ""]
     lines += [f.line() for f in findings] + [""]
     if peri and pre:
         lines += [f"## Per layer, step {peri.measured_step} (Peri-LN) and {pre.measured_step} (Pre-LN)", "",
@@ -237,13 +244,13 @@ def write_report(out: Path, args, runs: list[RunSummary], findings: list[Finding
                   f"Peri-LN's step-{check['step']} checkpoint, resharded to {check['layout']} and evaluated by 2 "
                   f"processes with megatron-core's pipeline schedule: validation loss {check['valid_loss']:.6f}, against "
                   f"{peri.valid_loss:.6f} from the single training process ({agree}: difference {diff:.2g}).", ""]
-    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    lines += ["## Diagnostics plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     if sample is not None:
         lines += export_check(sample, stats, not getattr(args, "input", None))
     elif peri is not None:
         lines += ["## Export check", "", f"Not exported: Peri-LN {peri.status} ({peri.message}).", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
+    report = write_ladder_report(grid, results, extra_sections=lines, title="Peri-LN vs Pre-LN, in miniature",
+                                 intro=intro)
     summary = {"findings": [f.__dict__ for f in findings], "sample": sample, "parallel_check": check,
                "timing": timing, "corpus": stats.__dict__,
                "runs": {r.run_dir.name: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()}

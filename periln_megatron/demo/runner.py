@@ -23,6 +23,7 @@ from periln_megatron.config.load import combine_overrides
 from periln_megatron.demo.console import fmt_time, log
 from periln_megatron.demo.summary import LABEL, OUTCOME, finished, run_metrics
 from periln_megatron.exit_codes import EXIT_FINISHED, EXIT_NONFINITE
+from periln_megatron.ladder.state import read_exit, write_exit
 from periln_megatron.training.fork import fork_training, preload
 from periln_megatron.training.metrics import series
 
@@ -165,6 +166,8 @@ class Trainer:
             done = finished(job.run_dir)
             if done is not None and done.get("steps") == job.steps:
                 job.outcome = done
+                if read_exit(job.run_dir) is None:  # an --out made before the demo recorded exit statuses
+                    write_exit(job.run_dir, EXIT_NONFINITE if done["status"] == "diverged" else EXIT_FINISHED)
                 log(f"{job.title}: finished earlier ({done['status']}), kept")
             else:
                 pending.append(job)
@@ -225,6 +228,7 @@ class Trainer:
 
     def _finish(self, job: Job) -> None:
         code = job.code
+        write_exit(job.run_dir, code)  # what the ladder's run state reads (demo/ladder.py)
         errors = _tail(job.run_dir / STDERR_LOG, 40)
         if code == EXIT_FINISHED:
             status, message = "finished", ""

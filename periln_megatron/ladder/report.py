@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from periln_megatron.config.choices import PLACEMENT_NAMES
+from periln_megatron.ladder.evaluate import Score, read_score
 from periln_megatron.ladder.grid import Grid, Run, lr_text, run_recipe
 from periln_megatron.ladder.state import RunState, load_jobs, run_state
 from periln_megatron.training.metrics import MetricsError, read_metrics, rollback_counts
 
 CSV_COLUMNS = ("recipe", "placement", "lr", "n_seeds", "val_loss_mean", "val_loss_std", "n_diverged", "n_unfinished",
-               "spikes", "rollbacks", "skipped_batches", "last_layer_variance", "last_layer_max_abs", "tokens")
+               "spikes", "rollbacks", "skipped_batches", "last_layer_variance", "last_layer_max_abs", "tokens",
+               "eval_metric", "eval_n", "eval_mean", "eval_std")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RunResult:
     last_layer_max_abs: float | None = None
     tokens: int = 0
     variance_by_depth: list = field(default_factory=list)
+    score: Score | None = None       # periln-ladder report --eval (ladder/evaluate.py), from <run dir>/eval.json
 
     @property
     def diverged(self) -> bool:
@@ -79,6 +82,10 @@ class Cell:
     def std(self) -> float | None:
         return statistics.stdev(self.losses) if len(self.losses) > 1 else None
 
+    @property
+    def scores(self) -> list[Score]:
+        return [r.score for r in self.runs if r.finished and r.score is not None]
+
     def _mean_of(self, attr: str) -> float | None:
         values = [getattr(r, attr) for r in self.runs if r.finished and getattr(r, attr) is not None]
         return statistics.fmean(values) if values else None
@@ -91,7 +98,14 @@ class Cell:
                 "skipped_batches": sum(r.skipped_batches for r in self.runs),
                 "last_layer_variance": self._mean_of("last_layer_variance"),
                 "last_layer_max_abs": self._mean_of("last_layer_max_abs"),
-                "tokens": sum(r.tokens for r in self.runs)}
+                "tokens": sum(r.tokens for r in self.runs), **self.eval_row()}
+
+    def eval_row(self) -> dict:
+        values = [s.value for s in self.scores]
+        metrics = sorted({s.metric for s in self.scores})
+        return {"eval_metric": " / ".join(metrics) or None, "eval_n": len(values) if values else None,
+                "eval_mean": statistics.fmean(values) if values and len(metrics) == 1 else None,
+                "eval_std": statistics.stdev(values) if len(values) > 1 and len(metrics) == 1 else None}
 
 
 def run_result(run: Run, state: RunState) -> RunResult:
@@ -117,6 +131,7 @@ def run_result(run: Run, state: RunState) -> RunResult:
         out.last_layer_max_abs = max_abs[-1]
     step = state.step or 0
     out.tokens = step * recipe.train.global_batch_size * recipe.model.seq_length
+    out.score = read_score(run.dir)
     return out
 
 
@@ -235,8 +250,41 @@ def _plots(grid: Grid, results: list[RunResult], cells: list[Cell], out: Path) -
     return names
 
 
-def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str] = ()) -> Path:
-    """summary.csv, the plots and report.md in the grid's dir; `extra_sections`: markdown appended (the demo's findings)."""
+def _eval_section(grid: Grid, cells: list[Cell]) -> list[str]:
+    """The downstream evaluation (report --eval), mean ± sample standard deviation over the seeds."""
+    scores = [s for c in cells for s in c.scores]
+    if not scores:
+        return []
+    metrics = sorted({s.metric for s in scores})
+    better = "higher" if scores[0].higher_is_better else "lower"
+    lines = ["## Downstream evaluation", "",
+             f"{' / '.join(metrics)} of each finished run's Hugging Face export (tools/evaluate.py; {better} is "
+             "better), mean ± sample standard deviation over the seeds (periln-ladder report --eval).", ""]
+    if len(metrics) > 1:
+        return lines + ["The runs were scored on different tasks (the paper's datasets were reachable for some "
+                        "only): no means are formed. Delete the runs' eval.json and evaluate again.", ""]
+    for recipe in dict.fromkeys(c.recipe for c in cells):
+        mine = [c for c in cells if c.recipe == recipe]
+        lines += [f"| {recipe}: lr | " + " | ".join(PLACEMENT_NAMES[p] for p in grid.placements) + " |",
+                  "|---|" + "---|" * len(grid.placements)]
+        for lr in grid.lrs:
+            row = []
+            for p in grid.placements:
+                c = next((c for c in mine if c.placement == p and c.lr == lr), None)
+                e = c.eval_row() if c else {}
+                row.append("-" if e.get("eval_mean") is None else
+                           f"{e['eval_mean']:.4f}" + (f" ± {e['eval_std']:.4f}" if e["eval_std"] is not None else "")
+                           + f" (n={e['eval_n']})")
+            lines.append(f"| {lr_text(lr)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str] = (), title: str | None = None,
+                 intro: list[str] = ()) -> Path:
+    """summary.csv, the plots and report.md in the grid's dir. `title` (default: Ladder <name>) and
+    `intro` (markdown lines after it) head the report, `extra_sections` (markdown lines) end it: the
+    demo's setup, and its findings."""
     out = grid.dir
     out.mkdir(parents=True, exist_ok=True)
     cells = summarize(results)
@@ -245,13 +293,13 @@ def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str]
     states: dict[str, int] = {}
     for r in results:
         states[r.state.state] = states.get(r.state.state, 0) + 1
-    lines = [f"# Ladder {grid.name}", "",
+    lines = [f"# {title or f'Ladder {grid.name}'}", "", *intro,
              f"Grid `{grid.path}`: {len(results)} runs ({', '.join(f'{n} {s}' for s, n in states.items())}). "
              "Final validation loss, mean ± sample standard deviation over the seeds that finished; "
              "every number from the runs' metrics.jsonl (summary.csv has them all).", ""]
     for recipe in dict.fromkeys(c.recipe for c in cells):
         mine = [c for c in cells if c.recipe == recipe]
-        lines += [f"## {recipe}", "", "| lr | " + " | ".join(PLACEMENT_NAMES[p] for p in grid.placements) + " |",
+        lines += [f"## Final validation loss: {recipe}", "", "| lr | " + " | ".join(PLACEMENT_NAMES[p] for p in grid.placements) + " |",
                   "|---|" + "---|" * len(grid.placements)]
         for lr in grid.lrs:
             row = [next((_cell_text(c) for c in mine if c.placement == p and c.lr == lr), "-") for p in grid.placements]
@@ -264,13 +312,14 @@ def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str]
                 f"{lr_text(c.lr)} ({_cell_text(c)})" if c else "none (no seed finished)"))
         div = sum(c.n_diverged for c in mine)
         lines += [f"- diverged runs: {div} of {sum(len(c.runs) for c in mine)}", ""]
+    lines += _eval_section(grid, cells)
     lines += ["## Per-run numbers", "", "| run | state | final val loss | spikes | rollbacks (batches skipped) | "
               "last-layer variance | last-layer max\\|act\\| | tokens |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.run.name} | {r.state.state} | {_fmt(r.val_loss)} | {r.spikes} | "
                      f"{r.rollbacks} ({r.skipped_batches}) | "
                      f"{_fmt(r.last_layer_variance, '.4g')} | {_fmt(r.last_layer_max_abs, '.4g')} | {r.tokens:,} |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots across runs", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += list(extra_sections)
     path = out / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
