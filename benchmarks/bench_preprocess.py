@@ -25,19 +25,29 @@ import filecmp
 import json
 import multiprocessing
 import resource
+import importlib.util
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from periln_megatron.data import preprocess as preprocess_data
+from periln_megatron.data.tokenizers import train as train_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 warnings.filterwarnings("ignore")
 
-import corpus  # noqa: E402
-from periln_megatron.data import preprocess as preprocess_data  # noqa: E402
-from periln_megatron.data.tokenizers import train as train_tokenizer  # noqa: E402
+
+def _load_corpus_reader():
+    """tests/corpus.py (the reader of the text carried in tests/data), loaded by its path."""
+    spec = importlib.util.spec_from_file_location("periln_test_corpus", REPO / "tests" / "corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+corpus = _load_corpus_reader()
 
 REFERENCE_MB_S = 3.0  # Megatron-LM tools/preprocess_data.py, 2 workers, these 2-core machines
 TOKENIZER_FILES = (corpus.TINYSHAKESPEARE, corpus.WIKITEXT2_VALID, corpus.WIKITEXT2_TEST)

@@ -87,42 +87,40 @@ def _others(runs: list[RunSummary], main: tuple[float, int], figure) -> str:
     return f" The other runs (not judged): {'; '.join(parts)}." if parts else ""
 
 
-def variance_finding(runs: list[RunSummary], lr: float) -> Finding:
-    """The shape of the variance's growth with depth from layer 1 (first seed at `lr`)."""
+def _depth_finding(runs: list[RunSummary], lr: float, name: str, measure, judge, figure) -> Finding:
+    """A per-layer finding of the first seed at `lr`: `measure(run)` gives its numbers (None without
+    per-layer lists), `judge(pre, peri)` the verdict, `figure(peri, pre)` of two runs' numbers the short
+    text shown for every other (lr, seed) pair."""
     peri, pre = main_runs(runs, lr)[1].values()
-    name = "Pre-LN's hidden-state variance grows far more (exponentially) with depth than Peri-LN's"
-    sp, sq = (_shape(peri) if peri else None), (_shape(pre) if pre else None)
-    if sp is None or sq is None:
+    mp, mq = (measure(peri) if peri else None), (measure(pre) if pre else None)
+    if mp is None or mq is None:
         return Finding(name, NOT_SHOWN, NO_LAYERS)
-    verdict = variance_growth(sq, sp)
+    verdict = judge(mq, mp)
 
-    def growth(p, q):
-        a, b = _shape(p), _shape(q)
-        return f"growth from layer 1 Pre-LN {b['growth']:.3g}x, Peri-LN {a['growth']:.3g}x" if a and b else None
+    def other(p, q):
+        a, b = measure(p), measure(q)
+        return figure(a, b) if a and b else None
 
     return Finding(name, verdict.status, f"Seed {peri.seed}, lr {lr:g}: {verdict.statistic}"
-                   + _others(runs, (peri.lr, peri.seed), growth), verdict.values)
+                   + _others(runs, (peri.lr, peri.seed), other), verdict.values)
+
+
+def variance_finding(runs: list[RunSummary], lr: float) -> Finding:
+    """The shape of the variance's growth with depth from layer 1 (first seed at `lr`)."""
+    return _depth_finding(runs, lr, "Pre-LN's hidden-state variance grows far more (exponentially) with depth than "
+                                    "Peri-LN's", _shape, variance_growth,
+                          lambda a, b: f"growth from layer 1 Pre-LN {b['growth']:.3g}x, Peri-LN {a['growth']:.3g}x")
 
 
 def massive_activation_finding(runs: list[RunSummary], lr: float) -> Finding:
     """Outlier concentration of the largest activations (first seed at `lr`)."""
-    peri, pre = main_runs(runs, lr)[1].values()
-    name = "Pre-LN develops massive (concentrated outlier) activations, Peri-LN does not"
-    cp, cq = (_concentration(peri) if peri else None), (_concentration(pre) if pre else None)
-    if cp is None or cq is None:
-        return Finding(name, NOT_SHOWN, NO_LAYERS)
-    verdict = massive_activations(cq, cp)
-
-    def conc(p, q):
-        a, b = _concentration(p), _concentration(q)
-        if not (a and b):
-            return None
+    def figure(a, b):
         share = (f", top-dimension share {b['top_share']:.1%} / {a['top_share']:.1%}"
                  if a["top_share"] and b["top_share"] else "")
         return f"max|act|/std Pre-LN {b['max_over_std']:.3g}, Peri-LN {a['max_over_std']:.3g}{share}"
 
-    return Finding(name, verdict.status, f"Seed {peri.seed}, lr {lr:g}: {verdict.statistic}"
-                   + _others(runs, (peri.lr, peri.seed), conc), verdict.values)
+    return _depth_finding(runs, lr, "Pre-LN develops massive (concentrated outlier) activations, Peri-LN does not",
+                          _concentration, massive_activations, figure)
 
 
 def _loss(r: RunSummary) -> float | None:
