@@ -50,9 +50,8 @@ def status_rows(text: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:-1]}
 
 
-@pytest.fixture(scope="module")
-def array(slurm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ladder-slurm")
+def submit_array(slurm, root):
+    """Submit the grid, preempt task 0 once it trains, wait for every task, resubmit, report."""
     grid = root / "grid.yaml"
     grid.write_text(json.dumps({**GRID, "dir": str(root / "runs")}))
     first = ladder(slurm, "submit", str(grid), "--max-concurrent", "4", *SBATCH)
@@ -79,7 +78,7 @@ def array(slurm, tmp_path_factory):
             "again": again, "queue": (before, after)}
 
 
-def test_preempted_task_requeued_and_resumed(array):
+def check_preempted_task_requeued_and_resumed(array):
     text = array["log"]
     first, _, second = text.partition("requeueing job")
     stop = int(re.findall(r"saved checkpoint iteration (\d+) to ", first)[0])
@@ -87,7 +86,7 @@ def test_preempted_task_requeued_and_resumed(array):
     assert re.search(rf"resumed from iteration {stop} \(", second) and f"step {STEPS}/{STEPS} |" in second
 
 
-def test_status_shows_states_and_jobs(array):
+def check_status_shows_states_and_jobs(array):
     rows = status_rows(array["requeued"])
     name = "tiny-peri-lr0.003-s1"
     assert rows[name][:2] in (["pending", f"{array['array']}_0"], ["running", f"{array['array']}_0"]), array["requeued"]
@@ -97,12 +96,12 @@ def test_status_shows_states_and_jobs(array):
     assert {r[1] for r in rows.values()} == {f"{array['array']}_{i}" for i in range(8)}
 
 
-def test_resubmission_submits_nothing(array):
+def check_resubmission_submits_nothing(array):
     assert "8 runs (8 finished); submitting 0" in array["again"], array["again"]
     assert array["queue"][0] == array["queue"][1]
 
 
-def test_report_equals_the_runs_metrics(array):
+def check_report_equals_the_runs_metrics(array):
     rows = list(csv.DictReader((array["root"] / "runs" / "summary.csv").open()))
     assert [(r["placement"], r["lr"], r["n_seeds"], r["n_diverged"]) for r in rows] == [
         (p, lr, "2", "0") for p in ("peri", "pre") for lr in ("0.003", "0.01")]
@@ -115,3 +114,13 @@ def test_report_equals_the_runs_metrics(array):
         assert len(losses) == 2
         assert float(row["val_loss_mean"]) == pytest.approx(statistics.fmean(losses), rel=1e-12)
         assert float(row["val_loss_std"]) == pytest.approx(statistics.stdev(losses), rel=1e-12)
+
+
+def test_grid_as_a_job_array_on_slurm(slurm, tmp_path):
+    """One test, one submission: its checks share the array's ~100 s (module-scoped fixtures were set up
+    twice when pytest-xdist did not run the tests one after another)."""
+    array = submit_array(slurm, tmp_path)
+    check_preempted_task_requeued_and_resumed(array)
+    check_status_shows_states_and_jobs(array)
+    check_resubmission_submits_nothing(array)
+    check_report_equals_the_runs_metrics(array)
