@@ -30,6 +30,8 @@ import sys
 import time
 import traceback
 
+from periln_megatron.training.fork import exit_now  # the children end as forked trainings do
+
 PR_SET_PDEATHSIG = 1
 NOT_SHARED = ("wandb",)
 
@@ -89,25 +91,6 @@ def _run_python(argv: list[str]) -> int:
         return 1
 
 
-def _exit(code: int) -> None:
-    """Interpreter shutdown without the ~2 s teardown of the module graph: non-daemon threads are
-    joined and atexit handlers run (multiprocessing managers, W&B, TensorBoard writers), as at a normal
-    exit; then the process ends."""
-    import atexit
-    import threading
-
-    try:
-        threading._shutdown()
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code & 0xFF if code >= 0 else 1)
-
-
 def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
     pid = os.fork()
     if pid:
@@ -123,7 +106,7 @@ def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
         _python_path(env)
         code = _run_python(argv)
     finally:
-        _exit(code)
+        exit_now(code)
     return 0  # not reached
 
 

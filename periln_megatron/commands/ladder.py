@@ -164,11 +164,12 @@ def _report(grid, args, extra) -> int:
             print(f"periln-ladder: error: --eval-text {args.eval_text}: no such file", file=sys.stderr)
             return 2
         try:
-            evaluate_runs([r.run for r in results if r.finished], args.eval_tasks, args.eval_text)
+            scores = evaluate_runs([r.run for r in results if r.finished], args.eval_tasks, args.eval_text)
         except LadderEvalError as e:
             print(f"periln-ladder: error: {e}", file=sys.stderr)
             return 2
-        results = collect(grid, queue_states(list(load_jobs(grid.dir).values())) or {})
+        for r in results:
+            r.score = scores.get(r.run.name, r.score)
     path = write_report(grid, results)
     print(f"wrote {path}, {path.parent / 'summary.csv'} and the plots")
     return 0

@@ -1,5 +1,6 @@
 """`periln-ladder report GRID --eval`: each finished run exported to Hugging Face (<ladder dir>/hf/<run>:
-an export never goes inside a run's directory) and scored by tools/evaluate.py (its `main`, in this process), the result kept in <run dir>/eval.json.
+an export never goes inside a run's directory) and scored by tools/evaluate.py (its `main`, in this
+process), the result kept in <run dir>/eval.json.
 
 What is scored: the paper's task group (`--eval-tasks`, default periln_paper: ARC, HellaSwag, PIQA,
 SIQA, Winogrande, zero-shot; metric: the group's mean accuracy, higher is better) when its datasets
@@ -34,15 +35,21 @@ class Score:
     higher_is_better: bool
 
 
-def read_score(run_dir: Path) -> Score | None:
+def _read_eval(run_dir: Path) -> tuple[dict | None, Score | None]:
+    """(the settings, the score) of <run dir>/eval.json; (None, None) when it is missing or damaged."""
     path = Path(run_dir) / EVAL_FILE
     if not path.is_file():
-        return None
+        return None, None
     try:
-        s = json.loads(path.read_text())["score"]
-        return Score(s["metric"], float(s["value"]), bool(s["higher_is_better"]))
+        data = json.loads(path.read_text())
+        s = data["score"]
+        return data.get("settings"), Score(s["metric"], float(s["value"]), bool(s["higher_is_better"]))
     except (ValueError, KeyError, TypeError):
-        return None
+        return None, None
+
+
+def read_score(run_dir: Path) -> Score | None:
+    return _read_eval(run_dir)[1]
 
 
 def export_dir(run: Run) -> Path:
@@ -103,9 +110,9 @@ def evaluate_runs(runs: list[Run], tasks: str = PAPER_GROUP, text: Path | None =
         raise LadderEvalError("--eval needs --eval-tasks or --eval-text")
     scores: dict[str, Score] = {}
     for run in runs:
-        path = run.dir / EVAL_FILE
-        if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-            scores[run.name] = read_score(run.dir)
+        kept_settings, kept = _read_eval(run.dir)
+        if kept is not None and kept_settings == settings:
+            scores[run.name] = kept
             continue
         hf = _export(run, say)
         score = None
@@ -128,7 +135,7 @@ def evaluate_runs(runs: list[Run], tasks: str = PAPER_GROUP, text: Path | None =
                 raise LadderEvalError(f"{run.name}: tools/evaluate.py --text-file {text} failed (exit {code}): "
                                       f"{_last_line(output)}")
             score = _text_score(data, text)
-        path.write_text(json.dumps({"settings": settings, "score": score.__dict__}, indent=1) + "\n")
+        (run.dir / EVAL_FILE).write_text(json.dumps({"settings": settings, "score": score.__dict__}, indent=1) + "\n")
         scores[run.name] = score
     return scores
 

@@ -299,7 +299,8 @@ def write_report(grid: Grid, results: list[RunResult], extra_sections: list[str]
              "every number from the runs' metrics.jsonl (summary.csv has them all).", ""]
     for recipe in dict.fromkeys(c.recipe for c in cells):
         mine = [c for c in cells if c.recipe == recipe]
-        lines += [f"## Final validation loss: {recipe}", "", "| lr | " + " | ".join(PLACEMENT_NAMES[p] for p in grid.placements) + " |",
+        lines += [f"## Final validation loss: {recipe}", "",
+                  "| lr | " + " | ".join(PLACEMENT_NAMES[p] for p in grid.placements) + " |",
                   "|---|" + "---|" * len(grid.placements)]
         for lr in grid.lrs:
             row = [next((_cell_text(c) for c in mine if c.placement == p and c.lr == lr), "-") for p in grid.placements]

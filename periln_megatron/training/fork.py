@@ -65,11 +65,11 @@ def fork_training(argv: list[str], stdout: Path, stderr: Path | None = None, thr
     except BaseException:  # noqa: BLE001 - the child must never return into its parent's code
         traceback.print_exc()
     finally:
-        _exit(code)
+        exit_now(code)
     return 0  # not reached
 
 
-def _exit(code: int) -> None:
+def exit_now(code: int) -> None:
     """A normal interpreter exit without tearing the module graph down (~2 s): non-daemon threads are
     joined and atexit handlers run (W&B, TensorBoard writers, multiprocessing), then the process ends."""
     import atexit
