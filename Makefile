@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(PY) -m periln_megatron.demo $(DEMO_ARGS)
 
 # Two pytest workers (pytest-xdist): about half of a serial run's wall time is waiting (Slurm daemons,
-# process start-ups, checkpoints on disk); the Slurm tests share one worker (xdist_group "slurm").
+# process start-ups, checkpoints on disk); the Slurm tests share one worker (tests/conftest.py's scheduler).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	@if [ -x tools/ensure_slurm.sh ]; then tools/ensure_slurm.sh; fi
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 # On a GPU machine, inside the image with this checkout mounted (docs/gpu_check.md): te backend, bf16/FP8
 # and their agreement, DP=2 with the paper flags + async save, PP=2, TP=2+SP, -m gpu tests, checkpoints -> HF.

@@ -27,3 +27,19 @@ def launcher_variables_unchanged():
     yield
     now = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
     assert now == _AT_START, f"a test or fixture changed the pytest process's launcher variables: {_AT_START} -> {now}"
+
+
+# pytest-xdist (make test: -n 2): the Slurm tests run on one worker, one after another, as one scope;
+# every other test is a scope of its own (xdist's `load`). Done here because xdist's own xdist_group
+# marks are ignored under pytest 9 (its loadgroup renames item._nodeid, which pytest 9 no longer reads).
+SLURM_MODULES = ("test_slurm.py", "test_slurm_multinode.py", "test_ladder_slurm.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in SLURM_MODULES else nodeid
+
+    return SlurmOnOneWorker(config, log)

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-_FIRST_JOB_IDS: set[int] = set()  # the clusters of this test process
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "srun")
 ENSURE = REPO / "tools" / "ensure_slurm.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -102,19 +101,6 @@ class SlurmCluster:
                 del self.env[var]
 
     # ------------------------------------------------------------------ lifecycle
-    @staticmethod
-    def _first_job_id() -> int:
-        """Each cluster numbers its jobs from its own start. slurm/common.sh's rendezvous port is 20000 +
-        job id: two clusters both counting from 1 gave a job the port an earlier cluster's job 5 had
-        just held (EADDRINUSE). Starts stay below 12768, so the ports stay below the ephemeral range."""
-        import random
-
-        while True:
-            first = random.randrange(100, 12000, 100)
-            if first not in _FIRST_JOB_IDS:
-                _FIRST_JOB_IDS.add(first)
-                return first
-
     def write_conf(self) -> None:
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -123,7 +109,6 @@ class SlurmCluster:
         (self.root / "plugstack.conf").write_text("")
         lines = [
             "ClusterName=periln-test",
-            f"FirstJobId={self._first_job_id()}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",

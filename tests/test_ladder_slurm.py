@@ -16,8 +16,6 @@ import pytest
 from slurm_cluster import REPO, slurm  # noqa: F401  (pytest fixture)
 from test_slurm import read, wait_for_log, wait_through_requeue
 
-# one xdist worker runs every Slurm test, one after another (make test: pytest -n 2 --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("slurm")
 
 STEPS = 20
 GRID = {"name": "slmini", "recipes": ["recipes/tiny/peri_ln.yaml"], "placements": ["peri", "pre"],

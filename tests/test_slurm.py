@@ -18,8 +18,6 @@ import pytest
 
 from slurm_cluster import REPO, TERMINAL, slurm  # noqa: F401  (pytest fixture)
 
-# one xdist worker runs every Slurm test, one after another (make test: pytest -n 2 --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("slurm")
 
 TEMPLATE = "slurm/peri_3b.sbatch"
 TINY = "recipes/tiny/peri_ln.yaml"

@@ -27,8 +27,6 @@ from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unava
 from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)
 from test_slurm import TEMPLATE, TINY, read, steps, trainer_pid, wait_for_log, wait_through_requeue
 
-# one xdist worker runs every Slurm test, one after another (make test: pytest -n 2 --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("slurm")
 
 STEPS = 20          # 2 ranks: enough steps for USR1 to arrive mid-run
 STEPS_4 = 6         # 4 ranks on this machine's 2 cores: fewer
