@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, megatron.core, periln_megatron" 
 	touch $(STAMP)
 
-# Peri-LN vs Pre-LN in miniature, about 8 minutes on 2 idle cores: demo_out/report.md. Options through DEMO_ARGS,
+# Peri-LN vs Pre-LN in miniature, about 8 minutes on 2 idle cores (14 CPU-minutes): demo_out/report.md. Options through DEMO_ARGS,
 # e.g. make demo DEMO_ARGS="--lr 3e-2 --steps 300 --seeds 2" (python -m periln_megatron.demo --help).
 demo: $(STAMP)
 	$(PY) -m periln_megatron.demo $(DEMO_ARGS)

@@ -17,8 +17,8 @@
 
 Everything lands in --out (relative to the current directory). Re-running resumes: finished stages and
 runs are kept, an unfinished run continues from its checkpoint. --fresh starts over. The budget: the
-default preset takes about 15 CPU-minutes, about 8 minutes on 2 idle cores (docs/demo_search.md has the
-measurements behind it). No checkout is needed: the base recipe ships in the package (demo/recipe.yaml)
+default preset takes about 14 CPU-minutes, 7m41s measured on 2 idle cores of the slower machine measured
+(docs/demo_search.md has the measurements behind it). No checkout is needed: the base recipe ships in the package (demo/recipe.yaml)
 and every tool runs as a package module, so `pip install .` then `python -m periln_megatron.demo` works
 from any directory.
 """
