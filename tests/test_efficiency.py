@@ -398,9 +398,14 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
 
     common = ["train.steps=2", "optim.warmup_steps=0", "checkpoint.dir=null", "train.eval_interval=0",
               "logging.tensorboard=false"]
+    # bf16 matmuls run 25-50x slower than fp32 on CPUs without native bf16 (AVX2: 2 s for one 2048 x 512
+    # x 1408 GEMM), so the bf16 run takes 1 sequence a step, not 8: its activations are ~15% of its
+    # estimate (the weights, fp32 main grads and Adam state the rest); the fp32 runs cover activations
+    one_sequence = [s for s in RSS_SHAPE if "batch_size" not in s] + ["train.micro_batch_size=1",
+                                                                      "train.global_batch_size=1"]
     peaks = {}
-    for name, sets in {"baseline": RSS_BASELINE, "peri-fp32": RSS_SHAPE,
-                       "pre-bf16": [*RSS_SHAPE, "model.placement=pre", "precision.preset=bf16"]}.items():
+    for name, sets in {"baseline": RSS_BASELINE, "peri-fp32": RSS_SHAPE, "pre-fp32": [*RSS_SHAPE, "model.placement=pre"],
+                       "pre-bf16": [*one_sequence, "model.placement=pre", "precision.preset=bf16"]}.items():
         args = ["--recipe", TINY, "--set", *common, *sets, f"logging.run_dir={tmp_path / name}"]
         measured = _peak_anonymous_memory(args)
         estimated = estimate(recipe(TINY, *common, *sets), 1, device="cpu").peak.total
@@ -409,7 +414,7 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
     for name, (measured, estimated) in peaks.items():
         measured, estimated = measured - base_measured, estimated - base_estimated
         print(f"{name}: measured {measured / 2**20:.1f} MiB, estimated {estimated / 2**20:.1f} MiB")
-        assert estimated > 500 * 2**20, name  # the model dominates the noise
+        assert estimated > 350 * 2**20, name  # the model dominates the noise
         assert abs(estimated / measured - 1) <= RSS_TOLERANCE, (name, measured / 2**20, estimated / 2**20)
 
 
