@@ -16,8 +16,8 @@ log-likelihoods, model loading excluded (lm-eval's time includes building its ta
 part of that path):
   old: lm-eval HFLM + simple_evaluate on periln_local_ppl, batch 8, torch's default threads with
        OpenMP's default (spinning) wait policy: tools/evaluate.py --text-file before issue #22;
-  new: evaluation.score_documents, the tool's default batch, OMP_WAIT_POLICY=PASSIVE as the tool
-       now sets it.
+  new: evaluation.score_documents with the tool's defaults (batch, forked single-threaded scorers, one
+       per core), OMP_WAIT_POLICY=PASSIVE as the tool now sets it.
 --busy N keeps N processes spinning meanwhile (cores shared with other work, where the wait policy
 matters). The ratio old/new is the headline; --matrix adds the other two combinations (old with PASSIVE, which
 is --text-engine lm-eval now, and new with spinning waits) to show what each change contributes.
@@ -104,13 +104,14 @@ def worker(path: str, model_dir: Path, docs_file: Path, out: Path) -> None:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        tool = _load("evaluate_tool", REPO / "tools" / "evaluate.py")
+        from periln_megatron.hf import harness
+
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=8, prefix_token_id=prefix)
         start = time.perf_counter()
-        results = lm_eval.simple_evaluate(model=lm, tasks=[tool._local_task_config(docs_file, "text")],
-                                          task_manager=tool._task_manager([]), log_samples=True)
-        stats = tool.rolling_token_stats(lm, results["samples"][evaluation.LOCAL_TASK])
+        results = lm_eval.simple_evaluate(model=lm, tasks=[harness.local_task_config(docs_file, "text")],
+                                          task_manager=harness.task_manager([]), log_samples=True)
+        stats = harness.rolling_token_stats(lm, results["samples"][evaluation.LOCAL_TASK])
     else:
         model, tokenizer = evaluation.load_model(model_dir, "cpu")
         start = time.perf_counter()

@@ -153,10 +153,14 @@ def test_text_file_and_bos_prefix(trained, reference):
     txt = trained["tmp"] / "heldout.txt"
     txt.write_text("\n\n".join(docs) + "\n")
     out = trained["tmp"] / "eval-txt.json"
-    _evaluate(trained, "--text-file", str(txt), "--prefix-token", "bos", "--output", str(out))
+    # small batches over 3 forked scorers: each document's windows are spread over the processes
+    log = _evaluate(trained, "--text-file", str(txt), "--prefix-token", "bos", "--output", str(out),
+                    "--workers", "3", "--batch-size", "2").stdout
+    assert "3 process(es)" in log, log[-2000:]
     result = json.loads(out.read_text())
     assert result["prefix_token_id"] == 1  # <s>, which never occurs in the training data
     harness = result["token_level"]["periln_local_ppl"]
+    assert harness["workers"] == 3
     _compare(harness, megatron, "bos")
     assert all(m["nll_bos"] != m["nll_eos"] for m in megatron)
 

@@ -90,7 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="weights' dtype for evaluation: auto (config.json's), float32, bfloat16, float16")
     parser.add_argument("--batch-size", help="lm-eval's batch size, or auto (default 8); for --text-file, windows per "
-                        "forward pass (default: 16384 tokens' worth, fewer for a large vocabulary)")
+                        "forward pass (default: 4096 tokens' worth on a CPU, 16384 on a GPU, fewer for a large vocabulary)")
+    parser.add_argument("--workers", type=_positive_int, help="--text-file on a CPU: forked single-threaded scoring "
+                        "processes (default: one per core, at most 4; 1: score in this process)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; 0 for periln_paper)")
     parser.add_argument("--limit", type=float, help="only the first N documents of each task (a fraction if < 1); for smoke tests")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
@@ -115,6 +117,12 @@ def main(argv=None) -> int:
               "access, then offline with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 (the --text-file task needs no download)",
               file=sys.stderr, flush=True)
         return 2
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return int(value)
 
 
 def _batch_size(value: str | None):
@@ -159,7 +167,7 @@ def _run(args) -> int:
            "token_level": {}}
     if documents is not None and args.text_engine == "batched":
         local = evaluation.evaluate_documents(args.model_dir, documents, prefix, device, args.dtype,
-                                              None if batch_size == "auto" else batch_size)
+                                              None if batch_size == "auto" else batch_size, args.workers)
         out.update(text_engine="batched", max_length=local["max_length"])
         out["results"].update(local["results"])
         out["token_level"].update(local["token_level"])
@@ -167,7 +175,8 @@ def _run(args) -> int:
         print(f"{LOCAL_TASK}: bits_per_byte {metrics['bits_per_byte,none']:.4f}, byte_perplexity "
               f"{metrics['byte_perplexity,none']:.4f}, word_perplexity {metrics['word_perplexity,none']:.4f}; "
               f"scored in {local['seconds']:.1f} s "
-              f"({local['token_level'][LOCAL_TASK]['tokens'] / max(local['seconds'], 1e-9):.0f} tokens/s)")
+              f"({local['token_level'][LOCAL_TASK]['tokens'] / max(local['seconds'], 1e-9):.0f} tokens/s, "
+              f"{local['token_level'][LOCAL_TASK]['workers']} process(es))")
     if via_lm_eval:
         harness.run_lm_eval(args, names, device, prefix, batch_size, out)
     for task, s in out["token_level"].items():
