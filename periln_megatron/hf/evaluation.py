@@ -136,7 +136,9 @@ def default_workers(device: str) -> int:
     """Forked single-threaded scorers on a CPU, one per core (at most 4): a small model's forward pass is
     mostly short elementwise ops that torch's intra-op threads barely speed up (measured: 2 threads 3.5 s,
     1 thread 4.1 s, and half the windows on 1 thread 2.1 s)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)))) if device == "cpu" else 1
+    if device != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def _score_windows(model, ext: list, plan: list, batch_size: int, n_documents: int, progress) -> "torch.Tensor":
@@ -246,11 +248,12 @@ def score_documents(model, tokenizer, documents: list[str], prefix_token_id: int
     ext = [np.asarray([prefix_token_id, *ids], dtype=np.int64) for ids in encoded]
     plan = [(n, doc, end, scored) for doc, ids in enumerate(encoded) for end, n, scored in windows(len(ids), seq)]
     plan.sort(key=lambda w: -w[0])  # longest first: batches of equal length, no padding but the last few
-    workers = max(1, min(workers, len(plan) // batch_size))
+    # fork after torch has loaded is safe on Linux only; a GPU scores in this process
+    workers = max(1, min(workers, len(plan) // batch_size)) if device == "cpu" and sys.platform == "linux" else 1
     bar = tqdm(total=sum(len(ids) for ids in encoded), unit="tok", desc="scoring documents", file=sys.stderr,
                disable=not progress, mininterval=1.0)
     try:
-        if workers > 1 and device == "cpu":
+        if workers > 1:
             loglikelihood = _forked_scores(model, ext, plan, batch_size, len(documents), workers, bar.update)
         else:
             loglikelihood = _score_windows(model, ext, plan, batch_size, len(documents), bar.update)
@@ -258,7 +261,7 @@ def score_documents(model, tokenizer, documents: list[str], prefix_token_id: int
         bar.close()
     stats = token_stats([{"doc_id": i, "tokens": len(ids), "loglikelihood": float(ll), "bytes": len(d.encode("utf-8"))}
                          for i, (ids, ll, d) in enumerate(zip(encoded, loglikelihood.tolist(), documents))])
-    return {**stats, "workers": workers if device == "cpu" else 1}
+    return {**stats, "workers": workers}
 
 
 def token_stats(per_document: list[dict]) -> dict:
