@@ -137,7 +137,7 @@ def params_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true",
                         help="also estimate the memory of one GPU of each pipeline stage: weights, gradients, "
                              "optimizer shard, activations at the micro batch and recompute, logits")
-    parser.add_argument("--gpus", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--gpus", type=positive_int, default=8, metavar="N",
                         help="GPUs of the job, for the data-parallel size (default 8: one node)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                         help="the implementation to estimate: gpu = the image's TE/apex fusions (default); "
@@ -187,7 +187,8 @@ def params_main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     try:
         value = int(text)
     except ValueError:

@@ -403,6 +403,8 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
     # estimate (the weights, fp32 main grads and Adam state the rest); the fp32 runs cover activations
     one_sequence = [s for s in RSS_SHAPE if "batch_size" not in s] + ["train.micro_batch_size=1",
                                                                       "train.global_batch_size=1"]
+    # the model dominates the noise: above 500 MiB at the full shape, 350 MiB at one sequence (397 estimated)
+    floors = {"peri-fp32": 500 * 2**20, "pre-fp32": 500 * 2**20, "pre-bf16": 350 * 2**20}
     peaks = {}
     for name, sets in {"baseline": RSS_BASELINE, "peri-fp32": RSS_SHAPE, "pre-fp32": [*RSS_SHAPE, "model.placement=pre"],
                        "pre-bf16": [*one_sequence, "model.placement=pre", "precision.preset=bf16"]}.items():
@@ -414,7 +416,7 @@ def test_memory_estimate_matches_measured_cpu_memory(tmp_path):
     for name, (measured, estimated) in peaks.items():
         measured, estimated = measured - base_measured, estimated - base_estimated
         print(f"{name}: measured {measured / 2**20:.1f} MiB, estimated {estimated / 2**20:.1f} MiB")
-        assert estimated > 350 * 2**20, name  # the model dominates the noise
+        assert estimated > floors[name], name
         assert abs(estimated / measured - 1) <= RSS_TOLERANCE, (name, measured / 2**20, estimated / 2**20)
 
 

@@ -40,6 +40,7 @@ import os
 import sys
 from pathlib import Path
 
+from periln_megatron.cli import positive_int
 from periln_megatron.hf import evaluation, harness
 from periln_megatron.hf.evaluation import LOCAL_TASK, EvalError
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", help="weights' dtype for evaluation: auto (config.json's), float32, bfloat16, float16")
     parser.add_argument("--batch-size", help="lm-eval's batch size, or auto (default 8); for --text-file, windows per "
                         "forward pass (default: 4096 tokens' worth on a CPU, 16384 on a GPU, fewer for a large vocabulary)")
-    parser.add_argument("--workers", type=_positive_int, help="--text-file on a CPU: forked single-threaded scoring "
+    parser.add_argument("--workers", type=positive_int, help="--text-file on a CPU: forked single-threaded scoring "
                         "processes (default: one per core, at most 4; 1: score in this process)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own; 0 for periln_paper)")
     parser.add_argument("--limit", type=float, help="only the first N documents of each task (a fraction if < 1); for smoke tests")
@@ -117,12 +118,6 @@ def main(argv=None) -> int:
               "access, then offline with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 (the --text-file task needs no download)",
               file=sys.stderr, flush=True)
         return 2
-
-
-def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-    return int(value)
 
 
 def _batch_size(value: str | None):

@@ -132,13 +132,17 @@ def default_batch_size(seq: int, vocab_size: int, device: str = "cpu") -> int:
     return max(1, min(tokens, LOGITS_PER_BATCH // max(vocab_size, 1)) // seq)
 
 
+def can_fork_scorers(device: str) -> bool:
+    """Forked scorers only on a Linux CPU: fork after torch has loaded is safe there; a GPU scores in
+    this process."""
+    return device == "cpu" and sys.platform == "linux"
+
+
 def default_workers(device: str) -> int:
     """Forked single-threaded scorers on a CPU, one per core (at most 4): a small model's forward pass is
     mostly short elementwise ops that torch's intra-op threads barely speed up (measured: 2 threads 3.5 s,
     1 thread 4.1 s, and half the windows on 1 thread 2.1 s)."""
-    if device != "cpu" or not hasattr(os, "sched_getaffinity"):
-        return 1
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, len(os.sched_getaffinity(0)))) if can_fork_scorers(device) else 1
 
 
 def _score_windows(model, ext: list, plan: list, batch_size: int, n_documents: int, progress) -> "torch.Tensor":
@@ -204,13 +208,14 @@ def _forked_scores(model, ext: list, plan: list, batch_size: int, n_documents: i
     processes = [context.Process(target=work, args=(i,), daemon=True) for i in range(workers)]
     for process in processes:
         process.start()
-    total, finished = torch.zeros(n_documents, dtype=torch.float64), 0
+    total, finished = torch.zeros(n_documents, dtype=torch.float64), set()
     try:
-        while finished < workers:
+        while len(finished) < workers:
             try:
                 message = results.get(timeout=1.0)
             except queue_module.Empty:
-                dead = [p for p in processes if p.exitcode is not None]
+                # a worker that delivered its result may well have exited; one that did not is lost
+                dead = [p for i, p in enumerate(processes) if i not in finished and p.exitcode is not None]
                 if dead and results.empty():
                     raise EvalError(f"a scoring worker ended with exit code {dead[0].exitcode} before its result "
                                     "(out of memory?); --workers 1 scores in this process")
@@ -219,7 +224,7 @@ def _forked_scores(model, ext: list, plan: list, batch_size: int, n_documents: i
                 progress(message[1])
             elif message[0] == "done":
                 total += torch.from_numpy(message[2])
-                finished += 1
+                finished.add(message[1])
             else:
                 raise EvalError(f"scoring worker {message[1]} failed:\n{message[2]}")
     finally:
@@ -248,8 +253,7 @@ def score_documents(model, tokenizer, documents: list[str], prefix_token_id: int
     ext = [np.asarray([prefix_token_id, *ids], dtype=np.int64) for ids in encoded]
     plan = [(n, doc, end, scored) for doc, ids in enumerate(encoded) for end, n, scored in windows(len(ids), seq)]
     plan.sort(key=lambda w: -w[0])  # longest first: batches of equal length, no padding but the last few
-    # fork after torch has loaded is safe on Linux only; a GPU scores in this process
-    workers = max(1, min(workers, len(plan) // batch_size)) if device == "cpu" and sys.platform == "linux" else 1
+    workers = max(1, min(workers, len(plan) // batch_size)) if can_fork_scorers(device) else 1
     bar = tqdm(total=sum(len(ids) for ids in encoded), unit="tok", desc="scoring documents", file=sys.stderr,
                disable=not progress, mininterval=1.0)
     try:
