@@ -1,5 +1,5 @@
-"""Run real multi-process jobs for tests (forked from tests/zygote.py, or spawned as srun does),
-never leaving processes behind."""
+"""Run real multi-process jobs for tests, forked from the test fork server (tests/zygote.py) as
+torchrun or srun would start them, never leaving processes behind."""
 
 from __future__ import annotations
 
@@ -93,64 +93,145 @@ def _zygote_socket() -> str:
     return path
 
 
+class Forked:
+    """A job of the test fork server (tests/zygote.py) seen as a process, with the part of Popen's
+    interface the tests use: `pid` is its first (or only) rank's process, which the tests signal;
+    `pgid` is the job's process group, which kill_all kills. `codes` holds each rank's exit status
+    once it ended (-N: signal N), `answered` whether the job reported them (a killed job cannot)."""
+
+    def __init__(self, argv: list[str], nproc: int | None, env: dict, cwd: Path | str, out: Path | str):
+        import json
+
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._sock.connect(_zygote_socket())
+        request = {"argv": list(map(str, argv)), "env": env, "cwd": str(cwd), "nproc": nproc, "out": str(out)}
+        self._sock.sendall((json.dumps(request) + "\n").encode())
+        self.pgid = int(self._line(30))
+        self.pids = json.loads(self._line(30))
+        self.pid = self.pids[0]
+        self.returncode = self.codes = None
+        self.answered = False
+
+    def _line(self, timeout: float | None) -> str | None:
+        """The next line from the server; None when it closed the connection; TimeoutError."""
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not select.select([self._sock], [], [], wait)[0]:
+                raise TimeoutError
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def _finish(self, timeout: float | None) -> None:
+        import json
+
+        answer = self._line(timeout)
+        self._sock.close()
+        if answer is None:  # the job process was killed before it could report
+            self.codes = [-signal.SIGKILL] * len(self.pids)
+            self.returncode = -signal.SIGKILL
+        else:
+            reply = json.loads(answer)
+            self.codes, self.returncode, self.answered = reply["codes"], reply["status"], True
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self._finish(0.0)
+            except TimeoutError:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self._finish(timeout)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"fork server job {self.pgid}", timeout) from None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the ranks, let the job reap them (an orphaned zombie would still look alive to
+        a run lock that checks its holder's pid), then SIGKILL what is left of the job's group."""
+        if self.returncode is None:
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(self.pgid)
+
+
+def start(args: list[str], log: Path, env: dict | None = None, drop: tuple[str, ...] = ()) -> Forked:
+    """`python ARGS` forked from the test fork server, without waiting: output to `log` (truncated
+    first), the environment as `run` gives it plus `env`, less the variables in `drop`."""
+    Path(log).write_text("")
+    full_env = {k: v for k, v in _environment(env).items() if k not in drop or k in (env or {})}
+    return Forked(args, None, full_env, REPO, log)
+
+
 def _forked(argv: list[str], nproc: int | None, timeout: float, env: dict | None, check: bool,
             cwd: Path | str) -> subprocess.CompletedProcess:
-    import json
     import tempfile
 
     cmd = [sys.executable, *argv] if nproc is None else [f"torchrun --nproc_per_node={nproc}", *argv]
     fd, out_path = tempfile.mkstemp(prefix="zygote-out-")
     os.close(fd)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(_zygote_socket())
-        request = {"argv": list(map(str, argv)), "env": _environment(env), "cwd": str(cwd), "nproc": nproc,
-                   "out": out_path}
-        conn.sendall((json.dumps(request) + "\n").encode())
-        reader = conn.makefile("r")
-        conn.settimeout(30)
-        job = int(reader.readline())
-        conn.settimeout(timeout)
+        job = Forked(argv, nproc, _environment(env), cwd, out_path)
+        timed_out = False
         try:
-            answer = reader.readline() or '{"status": "no answer"}'
-        except (socket.timeout, TimeoutError):
-            answer = ""
+            job.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            job.kill()
         finally:
-            try:
-                os.killpg(job, signal.SIGKILL)  # ranks that outlived their job
-            except ProcessLookupError:
-                pass
+            _kill_group(job.pgid)  # ranks that outlived their job
         out = Path(out_path).read_text(errors="replace")
-        if not answer:
+        if timed_out:
             raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-        answer = json.loads(answer)
-        status = answer["status"]
-        if not isinstance(status, int):
+        if not job.answered:
             raise AssertionError(f"the fork server's job ended without an exit status: {' '.join(cmd)}\n{out[-4000:]}")
-        result = _result(cmd, status, out, check)
-        result.codes = answer["codes"]  # each rank's exit status (-N: signal N)
+        result = _result(cmd, job.returncode, out, check)
+        result.codes = job.codes  # each rank's exit status (-N: signal N)
         return result
     finally:
-        conn.close()
         os.unlink(out_path)
 
 
-def spawn_ranks(nproc: int, args: list[str], log_dir: Path, env: dict | None = None) -> list[subprocess.Popen]:
-    """Start `nproc` ranks the way srun does (no torchrun); rank r writes to log_dir/rank{r}.log."""
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def spawn_ranks(nproc: int, args: list[str], log_dir: Path, env: dict | None = None) -> list[Forked]:
+    """Start `nproc` ranks the way srun does (each a process of its own with the rank variables, no
+    torchrun), forked from the test fork server; rank r writes to log_dir/rank{r}.log."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(nproc):
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                    "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
-        with open(log_dir / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
+    return [start(args, log_dir / f"rank{rank}.log",
+                  env={"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})})
+            for rank in range(nproc)]
 
 
-def wait_for_line(path: Path, needle: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+def wait_for_line(path: Path, needle: str, procs: list, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and needle in path.read_text():
@@ -162,7 +243,7 @@ def wait_for_line(path: Path, needle: str, procs: list[subprocess.Popen], timeou
     raise AssertionError(f"{needle!r} did not appear in {path} within {timeout}s")
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+def wait_all(procs: list, timeout: float = 300) -> list[int]:
     deadline = time.monotonic() + timeout
     try:
         return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
@@ -170,12 +251,14 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
         kill_all(procs)
 
 
-def kill_all(procs: list[subprocess.Popen]) -> None:
+def kill_all(procs: list) -> None:
+    """SIGKILL each process (a Forked job, or a Popen started in a session of its own) with its
+    group, and reap it."""
     for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if isinstance(p, Forked):
+            p.kill()
+        else:
+            _kill_group(p.pid)
         p.wait()
 
 

@@ -270,12 +270,42 @@ def test_the_shipped_base_recipe_resolves_to_the_tiny_recipe(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_reduced_demo(tmp_path):
-    out = tmp_path / "demo"
-    result = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=900)
+def test_an_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path):
+    """The wheel of `pip install .`, installed into a fresh venv, then `python -m periln_megatron.demo --preset quick` from another
+    directory without PYTHONPATH: the demo needs no recipes/, no tools/ and no checkout. Its output is
+    checked in full against the runs' metrics.jsonl (this was test_reduced_demo, run from the checkout:
+    one quick demo serves both), and a second run resumes without retraining."""
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ (and stale modules) in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "periln_megatron", src / "periln_megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    # torch, megatron-core & co. come from this interpreter's site-packages (a plain path: its .pth files,
+    # an editable install of this checkout among them, are not run), after the venv's own
+    site = run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    (Path(site.stdout.strip()) / "parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {"PYTHONPATH": ""}  # run() sets it to the checkout; Python ignores an empty one
+    # the wheel is built by this interpreter's setuptools (a fresh venv's bundled one may predate bdist_wheel)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(src)], env=env, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("periln_megatron-*.whl")
+    run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], env=env, timeout=600)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = run([str(venv / "bin/python"), "-c", "import periln_megatron.demo as d; print(d.__file__)"], env=env,
+                cwd=work)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
+
+    result = run([str(venv / "bin/python"), "-m", "periln_megatron.demo", "--preset", "quick", "--out", "out"],
+                 env=env, cwd=work, timeout=900)
     assert "done in" in result.stdout, result.stdout[-4000:]
     assert "Peri-LN (lr 0.01, seed 1234, 6 steps): step 3/6" in result.stdout and "ETA" in result.stdout
-
+    out = work / "out"
     report = (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     runs = {}
@@ -327,47 +357,10 @@ def test_reduced_demo(tmp_path):
     assert (out / "lr_sensitivity.png").read_bytes()[:8] == PNG
 
     # re-running resumes: nothing is retrained, the report is rewritten
-    again = run([sys.executable, "-m", "periln_megatron.demo", "--preset", "quick", "--out", str(out)], timeout=600)
+    again = run([str(venv / "bin/python"), "-m", "periln_megatron.demo", "--preset", "quick", "--out", "out"],
+                env=env, cwd=work, timeout=600)
     assert "corpus: " in again.stdout and "exists, kept" in again.stdout
     assert "finished earlier (finished), kept" in again.stdout and "step 1/" not in again.stdout
-
-
-def test_an_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path):
-    """The wheel of `pip install .`, installed into a fresh venv, then `python -m periln_megatron.demo --preset quick` from another
-    directory without PYTHONPATH: the demo needs no recipes/, no tools/ and no checkout."""
-    import shutil
-    import sysconfig
-
-    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ (and stale modules) in the checkout
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "periln_megatron", src / "periln_megatron", ignore=shutil.ignore_patterns("__pycache__"))
-    venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
-    # torch, megatron-core & co. come from this interpreter's site-packages (a plain path: its .pth files,
-    # an editable install of this checkout among them, are not run), after the venv's own
-    site = run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    (Path(site.stdout.strip()) / "parent_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {"PYTHONPATH": ""}  # run() sets it to the checkout; Python ignores an empty one
-    # the wheel is built by this interpreter's setuptools (a fresh venv's bundled one may predate bdist_wheel)
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-         str(src)], env=env, timeout=600)
-    (wheel,) = (tmp_path / "dist").glob("periln_megatron-*.whl")
-    run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], env=env, timeout=600)
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    where = run([str(venv / "bin/python"), "-c", "import periln_megatron.demo as d; print(d.__file__)"], env=env,
-                cwd=work)
-    assert where.stdout.strip().startswith(str(venv)), where.stdout
-
-    result = run([str(venv / "bin/python"), "-m", "periln_megatron.demo", "--preset", "quick", "--out", "out"],
-                 env=env, cwd=work, timeout=900)
-    assert "done in" in result.stdout, result.stdout[-4000:]
-    report = (work / "out" / "report.md").read_text()
-    assert "## What this run shows" in report and "(agree: difference" in report
-    assert (work / "out" / "hf_peri_ln" / "config.json").is_file()
-    assert sorted((work / "out" / "plots").glob("*.png"))
 
 
 @pytest.mark.parametrize("on_spike", ["log", "rollback"])

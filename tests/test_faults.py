@@ -691,12 +691,20 @@ SLOW_STEPS = ["train.global_batch_size=1024", "train.micro_batch_size=16"]
 
 
 def _spawn(args: list[str], log: Path, env: dict | None = None):
-    """`python ARGS` as a bare command line would start it (no launcher variables), in its own
-    session, output to `log`."""
+    """`python ARGS` as a bare command line would start it (no launcher variables), output to `log`:
+    forked from the test fork server (a process of its own, as a fresh interpreter runs it)."""
+    from launch import start
+
+    return start(args, log, env, drop=LAUNCHER_VARS)
+
+
+def _spawn_launcher(args: list[str], log: Path):
+    """`python ARGS` started fresh in its own session, for the launcher (periln-launch) tests: its
+    ranks are torchrun's own children, and a terminal's Ctrl-C reaches the whole process group."""
     import subprocess
 
     full = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    full.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+    full.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     with open(log, "w") as out:
         # SIGINT as a terminal's command has it: a pytest started in the background by a non-interactive
         # shell ignores SIGINT, and children inherit an ignored signal
@@ -825,7 +833,7 @@ def test_launch_sigterm_to_the_launcher_saves_and_exits_75(tmp_path):
     from launch import free_port, wait_all, wait_for_line
 
     d, log = tmp_path / "ckpt", tmp_path / "launch.log"
-    proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    proc = _spawn_launcher(["-m", "periln_megatron.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
                    "checkpoint.interval=0", f"checkpoint.dir={d}"], log)
     wait_for_line(log, "step 3/1000", [proc], timeout=240)
@@ -862,7 +870,7 @@ def test_ctrl_c_twice_exits_at_once_without_saving(tmp_path):
     from launch import free_port, wait_all, wait_for_line
 
     d, log = tmp_path / "ckpt", tmp_path / "launch.log"
-    proc = _spawn(["-m", "periln_megatron.launch", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+    proc = _spawn_launcher(["-m", "periln_megatron.launch", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", *TRAIN_MODULE, "--set", "train.steps=1000",
                    "checkpoint.interval=0", f"checkpoint.dir={d}", *SLOW_STEPS], log)
     wait_for_line(log, "step 1/1000", [proc], timeout=240)  # step 2 has begun, and lasts ~5 s

@@ -19,7 +19,7 @@ from test_slurm import read, wait_for_log, wait_through_requeue
 
 STEPS = 20
 GRID = {"name": "slmini", "recipes": ["recipes/tiny/peri_ln.yaml"], "placements": ["peri", "pre"],
-        "seeds": [1, 2], "lrs": [3.0e-3, 1.0e-2],
+        "seeds": [1, 2], "lrs": [1.0e-2],
         "set": [f"train.steps={STEPS}", f"train.eval_interval={STEPS}", "train.eval_iters=1",
                 f"diagnostics.interval={STEPS}", "checkpoint.interval=0"], "nodes": 1, "gpus_per_node": 1}
 # stand-ins for this GPU-less 2-core machine; they come after the grid's own and win
@@ -52,8 +52,8 @@ def submit_array(slurm, root):
     """Submit the grid, preempt task 0 once it trains, wait for every task, resubmit, report."""
     grid = root / "grid.yaml"
     grid.write_text(json.dumps({**GRID, "dir": str(root / "runs")}))
-    first = ladder(slurm, "submit", str(grid), "--max-concurrent", "4", *SBATCH)
-    array_id = re.search(r"job array (\d+) \(8 runs, --array=0,1,2,3,4,5,6,7%4\)", first.stdout).group(1)
+    first = ladder(slurm, "submit", str(grid), "--max-concurrent", "2", *SBATCH)
+    array_id = re.search(r"job array (\d+) \(4 runs, --array=0,1,2,3%2\)", first.stdout).group(1)
     task = f"{array_id}_0"
     log = root / "runs" / "logs" / f"slmini-tiny-{array_id}_0.out"
     wait_for_log(slurm, task, log, r"^step 2/", timeout=150)
@@ -65,7 +65,7 @@ def submit_array(slurm, root):
         notice.wait()
     requeued = ladder(slurm, "status", str(grid)).stdout
     wait_through_requeue(slurm, task, timeout=180)
-    for other in "1234567":
+    for other in "123":
         slurm.wait_job(f"{array_id}_{other}", timeout=180)
     done = ladder(slurm, "status", str(grid)).stdout
     before = slurm._run(["squeue", "-h", "-r", "-o", "%i"]).stdout
@@ -86,23 +86,23 @@ def check_preempted_task_requeued_and_resumed(array):
 
 def check_status_shows_states_and_jobs(array):
     rows = status_rows(array["requeued"])
-    name = "tiny-peri-lr0.003-s1"
+    name = "tiny-peri-lr0.01-s1"
     assert rows[name][:2] in (["pending", f"{array['array']}_0"], ["running", f"{array['array']}_0"]), array["requeued"]
     assert rows[name][2] != "-"  # the steps trained before the preemption
     rows = status_rows(array["done"])
-    assert len(rows) == 8 and all(r[0] == "finished" and r[2] == str(STEPS) for r in rows.values()), array["done"]
-    assert {r[1] for r in rows.values()} == {f"{array['array']}_{i}" for i in range(8)}
+    assert len(rows) == 4 and all(r[0] == "finished" and r[2] == str(STEPS) for r in rows.values()), array["done"]
+    assert {r[1] for r in rows.values()} == {f"{array['array']}_{i}" for i in range(4)}
 
 
 def check_resubmission_submits_nothing(array):
-    assert "8 runs (8 finished); submitting 0" in array["again"], array["again"]
+    assert "4 runs (4 finished); submitting 0" in array["again"], array["again"]
     assert array["queue"][0] == array["queue"][1]
 
 
 def check_report_equals_the_runs_metrics(array):
     rows = list(csv.DictReader((array["root"] / "runs" / "summary.csv").open()))
     assert [(r["placement"], r["lr"], r["n_seeds"], r["n_diverged"]) for r in rows] == [
-        (p, lr, "2", "0") for p in ("peri", "pre") for lr in ("0.003", "0.01")]
+        (p, "0.01", "2", "0") for p in ("peri", "pre")]
     for row in rows:
         losses = []
         for seed in (1, 2):
@@ -115,7 +115,7 @@ def check_report_equals_the_runs_metrics(array):
 
 
 def test_grid_as_a_job_array_on_slurm(slurm, tmp_path):
-    """One test, one submission: its checks share the array's ~100 s (module-scoped fixtures were set up
+    """One test, one submission: its checks share the array's ~60 s (module-scoped fixtures were set up
     twice when pytest-xdist did not run the tests one after another)."""
     array = submit_array(slurm, tmp_path)
     check_preempted_task_requeued_and_resumed(array)

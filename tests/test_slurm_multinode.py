@@ -182,7 +182,7 @@ def test_rendezvous_between_hosts(slurm_nodes, tmp_path):
 def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path_factory):
     """USR1 to the batch shell on node01 (what --signal=B:USR1@300 does): the ranks on both nodes save,
     the job requeues itself, lands on both nodes again and resumes; every step's loss equals an
-    uninterrupted run's."""
+    uninterrupted run's. (The single-node preemption test of test_slurm.py was merged into this one.)"""
     job, log = submit(slurm_nodes, tmp_path, "preempt-2n")
     wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
     slurm_nodes._run(["scancel", "--signal=USR1", "--batch", job])
@@ -199,19 +199,24 @@ def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path
     assert re.search(rf"resumed from iteration {stop} \(", second), second[-4000:]
     placement = {0: (2, 0, "node01", "node01"), 1: (2, 0, "node02", "node01")}
     assert rank_lines(first) == placement and rank_lines(second) == placement, text[-6000:]
-    assert "restart 1:" in second and "training finished (exit 0)" in second
+    assert "SIGUSR1 received" in first and "restart 1:" in second and "training finished (exit 0)" in second
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
     assert losses(tmp_path / "ckpt") == torchrun_losses(2, STEPS, tmp_path_factory)
 
 
 def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
-    """The trainer on node02 dies (SIGKILL, as the OOM killer does it): srun --kill-on-bad-exit stops
-    the rank on node01 too, the job fails with the dead rank's status within a minute, is not
-    requeued, and no process of it is left on either node."""
+    """The trainer on node02 dies (SIGKILL, as the OOM killer does it) while the one on node01 is blocked
+    in a way no error reaches: it is stopped (SIGSTOP), as a rank spinning in an NCCL kernel whose peer
+    is gone. srun --kill-on-bad-exit ends the step at once (SIGCONT, SIGTERM, SIGKILL after KillWait):
+    the job fails with the dead rank's status within a minute, is not requeued, and no process of it
+    is left on either node. (With --kill-on-bad-exit=0 this job stays RUNNING: nothing ever wakes the
+    stopped rank.) test_slurm.py's single-node crashed-rank test was merged into this one."""
     job, log = submit(slurm_nodes, tmp_path, "kill-2n", env={"TRAIN_STEPS": "500"})
     wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
-    victim = trainer_pid(slurm_nodes, job, 1)
+    victim, survivor = trainer_pid(slurm_nodes, job, 1), trainer_pid(slurm_nodes, job, 0)
     assert slurm_nodes.node_of(victim) == "node02"
-    assert slurm_nodes.node_of(trainer_pid(slurm_nodes, job, 0)) == "node01"
+    assert slurm_nodes.node_of(survivor) == "node01"
+    os.kill(survivor, signal.SIGSTOP)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     info = slurm_nodes.wait_job(job, timeout=90)
@@ -230,6 +235,7 @@ def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
         time.sleep(0.5)
     assert not left, left
     assert slurm_nodes.job(job).restarts == 0 and slurm_nodes.job(job).state == "FAILED"
+    assert not (tmp_path / "ckpt" / ".periln-exit").exists()
 
 
 # ----------------------------------------------------------------------------- the fixture itself

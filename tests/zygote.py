@@ -15,8 +15,8 @@ the launchers themselves (torchrun, srun, Slurm) start real ones.
 
 Protocol, one job per connection: the client sends one JSON line {argv, env, cwd, nproc, out}; the
 server forks a job process (its own session, so the client can kill the whole job with killpg), which
-answers with its pid, forks the ranks with stdout/stderr appended to `out`, and finally answers with
-{"codes": [...], "status": N}.
+answers with its pid, forks the ranks with stdout/stderr appended to `out`, answers with their pids (a
+JSON list, so the client can signal one rank), and finally with {"codes": [...], "status": N}.
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ def _job(request: dict, conn: socket.socket) -> None:
                  "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": "0",
                  "TORCHELASTIC_MAX_RESTARTS": "0", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
                 for r in range(nproc)]
-    codes = _wait([_fork_python(request["argv"], e, request["cwd"]) for e in envs])
+    pids = [_fork_python(request["argv"], e, request["cwd"]) for e in envs]
+    conn.sendall((json.dumps(pids) + "\n").encode())
+    codes = _wait(pids)
     status = codes[0] if nproc is None else (0 if all(c == 0 for c in codes) else 1)
     conn.sendall((json.dumps({"codes": codes, "status": status}) + "\n").encode())
     os._exit(0)
