@@ -25,6 +25,7 @@ TOOLS = REPO / "tools"
 sys.path.insert(0, str(REPO))
 
 import corpus  # noqa: E402
+from launch import run  # noqa: E402
 from periln_megatron.data import preprocess  # noqa: E402
 from periln_megatron.data.indexed import DataPrefixError, verify_prefix  # noqa: E402
 from periln_megatron.data.tokenizers import load_tokenizer  # noqa: E402
@@ -262,15 +263,15 @@ def test_truncated_files_detected(pp, spm_model, docs_jsonl, tmp_path):
     _, tokens = verify_prefix(prefix)
     inspect = [sys.executable, str(TOOLS / "inspect_data.py"), prefix, "--tokenizer-type", SP,
                "--tokenizer-model", spm_model, "--show", "1"]
-    ok = subprocess.run(inspect, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and f"tokens: {tokens:,}" in ok.stdout and "First Citizen" in ok.stdout, ok.stderr
+    ok = run(inspect, timeout=120)
+    assert f"tokens: {tokens:,}" in ok.stdout and "First Citizen" in ok.stdout, ok.stdout
     size = os.path.getsize(prefix + ".bin")
     os.truncate(prefix + ".bin", size - 10)
     with pytest.raises(DataPrefixError) as exc:
         verify_prefix(prefix)
     assert f"{prefix}.bin" in str(exc.value) and f"{size} bytes" in str(exc.value) and f"{size - 10}" in str(exc.value)
-    bad = subprocess.run(inspect, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and f"{prefix}.bin" in bad.stderr and "truncated" in bad.stderr, bad.stderr
+    bad = run(inspect, timeout=120, check=False)
+    assert bad.returncode == 1 and f"{prefix}.bin" in bad.stdout and "truncated" in bad.stdout, bad.stdout
     os.truncate(prefix + ".idx", 100)
     with pytest.raises(DataPrefixError, match=re.escape(f"{prefix}.idx")):
         verify_prefix(prefix)
@@ -369,7 +370,6 @@ def test_module_commands_are_the_tools(spm_model, tmp_path):
         name, _, attr = scripts[script].partition(":")
         assert getattr(importlib.import_module(name), attr) is module.main, script
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     text = tmp_path / "text.txt"
     text.write_text("\n".join(_docs()[:400]))
     data = _write_jsonl(tmp_path / "d.jsonl", _docs()[:200])
@@ -377,28 +377,25 @@ def test_module_commands_are_the_tools(spm_model, tmp_path):
     for how, tool in (("tool", [str(TOOLS / "train_tokenizer.py")]),
                       ("module", ["-m", "periln_megatron.data.tokenizers.train"])):
         # one prefix for both: the model records it
-        subprocess.run([sys.executable, *tool, "--input", str(text), "--model-prefix", str(tmp_path / "sp"),
-                        "--vocab-size", "500", "--threads", "1"], check=True, env=env, cwd=tmp_path,
-                       capture_output=True, timeout=120)
+        run([sys.executable, *tool, "--input", str(text), "--model-prefix", str(tmp_path / "sp"),
+             "--vocab-size", "500", "--threads", "1"], cwd=tmp_path, timeout=120)
         outs[how] = (tmp_path / "sp.model").read_bytes()
         (tmp_path / "sp.model").unlink()
     assert outs["tool"] == outs["module"]
     for how, tool in (("tool", [str(TOOLS / "preprocess_data.py")]),
                       ("module", ["-m", "periln_megatron.data.preprocess"])):
-        subprocess.run([sys.executable, *tool, "--input", str(data), "--output-prefix", str(tmp_path / how / "c"),
-                        "--tokenizer-type", SP, "--tokenizer-model", str(spm_model), "--workers", "1", "--append-eod",
-                        "--quiet"], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=120)
+        run([sys.executable, *tool, "--input", str(data), "--output-prefix", str(tmp_path / how / "c"),
+             "--tokenizer-type", SP, "--tokenizer-model", str(spm_model), "--workers", "1", "--append-eod",
+             "--quiet"], cwd=tmp_path, timeout=120)
         outs[how] = [(tmp_path / how / f"c_text_document{s}").read_bytes() for s in (".bin", ".idx")]
     assert outs["tool"] == outs["module"] and verify_prefix(f"{tmp_path}/module/c_text_document")[0] == 200
     shown = {}
     for how, tool in (("tool", [str(TOOLS / "inspect_data.py")]), ("module", ["-m", "periln_megatron.data.inspect"])):
-        r = subprocess.run([sys.executable, *tool, f"{tmp_path}/{how}/c_text_document", "--show", "1"], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+        r = run([sys.executable, *tool, f"{tmp_path}/{how}/c_text_document", "--show", "1"], cwd=tmp_path,
+                timeout=120)
         shown[how] = r.stdout.replace(f"{tmp_path}/{how}/", "")
     assert shown["tool"] == shown["module"] and "documents: 200" in shown["module"]
-    helps = {how: subprocess.run([sys.executable, *tool, "--help"], env=env, capture_output=True, text=True,
-                                 timeout=60).stdout
+    helps = {how: run([sys.executable, *tool, "--help"], timeout=60).stdout
              for how, tool in (("tool", [str(TOOLS / "preprocess_data.py")]),
                                ("module", ["-m", "periln_megatron.data.preprocess"]))}
     assert helps["module"].startswith("usage: python -m periln_megatron.data.preprocess ")
