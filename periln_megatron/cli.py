@@ -1,4 +1,4 @@
-"""Console scripts: `periln-train` and `periln-params`."""
+"""Console scripts: `periln-train` (train_command) and `periln-params`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ one): stopped at once without saving; 3 loss or grad norm became NaN/Inf;
 schedule without checkpoint.on_schedule_change), or checkpoint.dir / the run dir in use by another run.
 Under torchrun launch with `periln-launch` (= python -m periln_megatron.launch, torchrun's arguments):
 torchrun itself exits 1 whatever the ranks' status; periln-launch exits with it (75: requeue)."""
+
+
+def train_command() -> None:
+    """`periln-train` and `python -m periln_megatron.train`: train_main, then end the process without
+    tearing torch's and megatron-core's module graph down, which takes ~2 s per rank after training
+    (training/fork.py: exit_now; threads are joined, atexit handlers run, output flushed). An uncaught
+    exception still ends the interpreter the usual way, with its traceback."""
+    from periln_megatron.training.fork import exit_now
+
+    try:
+        code = train_main()
+    except SystemExit as e:  # argparse: --help, or a usage error
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    exit_now(code)
 
 
 def train_main(argv: list[str] | None = None) -> int:

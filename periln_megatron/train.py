@@ -1,9 +1,7 @@
 """`python -m periln_megatron.train` = `periln-train` (slurm/common.sh and users' scripts call it).
 The loop itself is periln_megatron/training/loop.py."""
 
-import sys
-
-from periln_megatron.cli import train_main
+from periln_megatron.cli import train_command
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_command()

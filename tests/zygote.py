@@ -91,6 +91,17 @@ def _run_python(argv: list[str]) -> int:
         return 1
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _malloc_settings(env: dict) -> None:
+    """glibc reads MALLOC_MMAP_THRESHOLD_ once, when a process starts: a child given it gets the same
+    setting through mallopt (a fixed threshold, as the variable gives)."""
+    threshold = env.get("MALLOC_MMAP_THRESHOLD_")
+    if threshold:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold))
+
+
 def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
     pid = os.fork()
     if pid:
@@ -102,6 +113,7 @@ def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(env)
+        _malloc_settings(env)
         os.chdir(cwd)
         _python_path(env)
         code = _run_python(argv)
