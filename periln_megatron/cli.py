@@ -66,7 +66,7 @@ def _train_main(argv: list[str] | None) -> int:
 
     from periln_megatron.checkpoint import CheckpointError, check_resumable
     from periln_megatron.data.datasets import TokenIdError
-    from periln_megatron.distributed.runtime import launch_environment, read_dist_env
+    from periln_megatron.distributed.dist_env import launch_environment, read_dist_env
 
     try:
         dist = read_dist_env()

@@ -114,6 +114,22 @@ def test_templates_share_common_body():
         assert re.search(rf'^\s*#.*\n\s*: "\$\{{{var}:=', common, re.M), f"{var} needs a comment and := default"
 
 
+def test_the_batch_scripts_recipe_check_does_not_import_torch():
+    """periln_preflight (slurm/common.sh) validates the recipe, its layout for the job's ranks and its
+    data files on the batch node before srun starts anything, in a fresh interpreter of its own: it
+    must not load torch (~3 s a submission) for it. Its own snippet, run as the batch script runs it."""
+    import sys
+
+    snippet = re.search(r"<<'PY' 2>&1\n(.*?)\nPY\n", (REPO / "slurm/common.sh").read_text(), re.S).group(1)
+    code = snippet + "\nprint('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / TINY), "parallel.tp=2"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "SLURM_NTASKS": "2", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "torch not loaded", r.stdout + r.stderr
+    bad = subprocess.run([sys.executable, "-c", code, str(REPO / TINY), "parallel.tp=3"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "SLURM_NTASKS": "2", "PYTHONPATH": str(REPO)})
+    assert bad.returncode == 2 and "parallel.tp" in bad.stdout, bad.stdout + bad.stderr
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 def test_cluster_runs_two_tasks(slurm, tmp_path):

@@ -45,7 +45,7 @@ def _get(recipe: Recipe, dotted: str):
 
 def validate(recipe: Recipe, world_size: int | None = None, check_environment: bool = True) -> None:
     """Everything that can be checked before a process group or a model exists."""
-    from periln_megatron.distributed.runtime import LayoutError, ParallelLayout, check_layout
+    from periln_megatron.distributed.layout import LayoutError, ParallelLayout, check_layout
 
     def fail(key, msg):
         raise RecipeError(f"{recipe.source}: `{key}` {msg}")

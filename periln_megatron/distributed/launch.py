@@ -124,7 +124,7 @@ def trainer_environment(argv: list[str]) -> dict[str, str]:
         return {}
     try:
         from periln_megatron.config import load_recipe
-        from periln_megatron.distributed.runtime import launch_environment
+        from periln_megatron.distributed.dist_env import launch_environment
 
         recipe = load_recipe(known.recipe, known.overrides, check_environment=False)
     except Exception:  # noqa: BLE001 - the trainer names what is wrong
