@@ -58,6 +58,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: _scope(item.nodeid)[0])  # stable: a module's tests keep their order
 
 
+@pytest.hookimpl(optionalhook=True)  # plain pytest, or -p no:xdist, does not know this hook
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 

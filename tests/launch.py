@@ -106,9 +106,17 @@ class Forked:
         self._buf = b""
         self._sock.connect(_zygote_socket())
         request = {"argv": list(map(str, argv)), "env": env, "cwd": str(cwd), "nproc": nproc, "out": str(out)}
-        self._sock.sendall((json.dumps(request) + "\n").encode())
-        self.pgid = int(self._line(30))
-        self.pids = json.loads(self._line(30))
+        try:
+            self._sock.sendall((json.dumps(request) + "\n").encode())
+            pgid, pids = self._line(30), self._line(30)
+        except (OSError, TimeoutError) as e:
+            self._sock.close()
+            raise RuntimeError(f"the test fork server did not start {argv}: {e!r}") from None
+        if pgid is None or pids is None:
+            self._sock.close()
+            tail = Path(out).read_text(errors="replace")[-3000:] if Path(out).exists() else ""
+            raise RuntimeError(f"the test fork server's job for {argv} ended before it started its ranks\n{tail}")
+        self.pgid, self.pids = int(pgid), json.loads(pids)
         self.pid = self.pids[0]
         self.returncode = self.codes = None
         self.answered = False
@@ -158,21 +166,30 @@ class Forked:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+        """Signal the first rank, as Popen.send_signal does, and not once it has ended (its job has
+        reaped it: the pid may be another process's by now)."""
+        if self.poll() is None:
+            os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        """SIGKILL the ranks, let the job reap them (an orphaned zombie would still look alive to
-        a run lock that checks its holder's pid), then SIGKILL what is left of the job's group."""
-        if self.returncode is None:
+        """SIGKILL every rank of a job that has not ended. The job reaps them (an orphaned zombie
+        would still look alive to a run lock that checks its holder's pid) and reports; `finish`
+        then waits for that and kills what is left of the job's process group."""
+        if self.poll() is None:
             for pid in self.pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            try:
-                self.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def finish(self, timeout: float = 30) -> None:
+        """Wait for the job's report (SIGKILL the whole group after `timeout`), then SIGKILL what
+        is left of its group: processes the ranks started."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.pgid)
+            self.wait(timeout)
         _kill_group(self.pgid)
 
 
@@ -200,7 +217,7 @@ def _forked(argv: list[str], nproc: int | None, timeout: float, env: dict | None
             timed_out = True
             job.kill()
         finally:
-            _kill_group(job.pgid)  # ranks that outlived their job
+            job.finish()  # and processes its ranks started
         out = Path(out_path).read_text(errors="replace")
         if timed_out:
             raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
@@ -252,14 +269,18 @@ def wait_all(procs: list, timeout: float = 300) -> list[int]:
 
 
 def kill_all(procs: list) -> None:
-    """SIGKILL each process (a Forked job, or a Popen started in a session of its own) with its
-    group, and reap it."""
+    """SIGKILL every process (a Forked job's ranks, or a Popen started in a session of its own, with
+    its group) at once, then reap them all."""
     for p in procs:
         if isinstance(p, Forked):
             p.kill()
         else:
             _kill_group(p.pid)
-        p.wait()
+    for p in procs:
+        if isinstance(p, Forked):
+            p.finish()
+        else:
+            p.wait()
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

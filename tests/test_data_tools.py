@@ -270,8 +270,8 @@ def test_truncated_files_detected(pp, spm_model, docs_jsonl, tmp_path):
     with pytest.raises(DataPrefixError) as exc:
         verify_prefix(prefix)
     assert f"{prefix}.bin" in str(exc.value) and f"{size} bytes" in str(exc.value) and f"{size - 10}" in str(exc.value)
-    bad = run(inspect, timeout=120, check=False)
-    assert bad.returncode == 1 and f"{prefix}.bin" in bad.stdout and "truncated" in bad.stdout, bad.stdout
+    bad = subprocess.run(inspect, capture_output=True, text=True, timeout=120)  # the error on stderr
+    assert bad.returncode == 1 and f"{prefix}.bin" in bad.stderr and "truncated" in bad.stderr, bad.stderr
     os.truncate(prefix + ".idx", 100)
     with pytest.raises(DataPrefixError, match=re.escape(f"{prefix}.idx")):
         verify_prefix(prefix)

@@ -239,11 +239,47 @@ def test_trains_to_completion(slurm, tmp_path):
     assert "training finished (exit 0)" in text and info.restarts == 0
 
 
+def skip_where_the_two_node_twin_runs(twin: str) -> None:
+    """The single-node version of a check that test_slurm_multinode.py's `twin` makes on two nodes
+    (a superset): it runs only where that cluster cannot be built (not root, no network namespaces),
+    so that exactly one of the two runs on every machine."""
+    from slurm_multinode import netns_unavailable
+
+    if netns_unavailable() is None:
+        pytest.skip(f"test_slurm_multinode.py::{twin} checks this on two nodes here")
+
+
+def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
+    skip_where_the_two_node_twin_runs("test_preemption_of_two_nodes_resumes_exactly")
+    total = 60
+    env = {"RECIPE": TINY, "TRAIN_STEPS": str(total), "EXTRA_SETS": "checkpoint.interval=1000"}
+    job, log = submit(slurm, tmp_path, env, "preempt")
+    wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
+    # What Slurm does near the time limit (#SBATCH --signal=B:USR1@300): USR1 to the batch shell only.
+    slurm._run(["scancel", "--signal=USR1", "--batch", job])
+    wait_for_log(slurm, job, log, r"requeueing job", timeout=90)
+    info = wait_through_requeue(slurm, job, timeout=180)
+    must(info, log)
+    text = read(log)
+    assert info.restarts == 1, info.fields
+    first, _, second = text.partition("requeueing job")
+    saved = re.findall(r"saved checkpoint iteration (\d+) to ", first)
+    assert len(saved) == 1, first[-4000:]
+    stop = int(saved[0])
+    assert 3 <= stop < total, first[-4000:]
+    assert steps(first) == list(range(1, stop + 1)), first[-4000:]
+    assert "SIGUSR1 received" in first
+    assert re.search(rf"resumed from iteration {stop} \(", second), second[-4000:]
+    assert steps(second) == list(range(stop + 1, total + 1)), second[-4000:]
+    assert "restart 1:" in second and "training finished (exit 0)" in second
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(total)
+
+
 def test_scancel_stops_without_requeue(slurm, tmp_path):
     """SIGTERM (scancel, or a preemption Slurm requeues by itself) reaches the ranks from Slurm; they
     save and exit 75, and the batch script must then not requeue the job. The batch script's logic
     is under test here, so the trainer is a stub that exits 75 on SIGTERM the way periln-train does
-    (periln-train's own signal handling is exercised by test_slurm_multinode.py's preemption test)."""
+    (periln-train's own signal handling is exercised by the preemption tests)."""
     stub = tmp_path / "stub-train"
     stub.write_text("#!/bin/bash\ntrap 'echo stub saved; exit 75' TERM USR1\necho stub running\n"
                     "while :; do sleep 0.2; done\n")
@@ -291,6 +327,32 @@ def wait_ended(cluster, job: str, since: float, limit: float):
     elapsed = time.monotonic() - since
     print(f"job {job} ended {info.state} {info.exit_code} {elapsed:.1f}s after the fault")
     return info, elapsed
+
+
+def test_crashed_rank_ends_the_job(slurm, tmp_path):
+    """One rank dies mid-training (SIGKILL, as the OOM killer does it) while the other is blocked in a
+    way no error reaches: it is stopped (SIGSTOP), as a rank spinning in an NCCL kernel whose peer
+    is gone. srun --kill-on-bad-exit ends the step at once (SIGCONT, SIGTERM, SIGKILL after KillWait),
+    so the job fails within seconds, and the batch script does not requeue a failure. (With
+    --kill-on-bad-exit=0 this job stays RUNNING: nothing ever wakes the stopped rank.)"""
+    skip_where_the_two_node_twin_runs("test_rank_killed_on_one_node_ends_the_job")
+    env = {"RECIPE": TINY, "TRAIN_STEPS": "500", "EXTRA_SETS": "checkpoint.interval=1000"}
+    job, log = submit(slurm, tmp_path, env, "crash")
+    wait_for_log(slurm, job, log, r"^step 3/", timeout=150)
+    survivor, victim = trainer_pid(slurm, job, 0), trainer_pid(slurm, job, 1)
+    os.kill(survivor, signal.SIGSTOP)
+    os.kill(victim, signal.SIGKILL)
+    info, elapsed = wait_ended(slurm, job, time.monotonic(), limit=90)
+    time.sleep(1)  # let the batch shell finish writing
+    text = read(log)
+    assert info.state == "FAILED" and info.restarts == 0, f"{info.fields}\n{text[-4000:]}"
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to fail after a rank died\n{text[-4000:]}"
+    assert info.exit_code == "137:0", info.fields  # the dead rank's status (128 + SIGKILL), not 143 from srun
+    assert re.search(r"training failed: srun exit status \d+ \(.*exit 137 on rank 1.*\); not requeueing", text), text[-4000:]
+    assert "requeueing job" not in text and "checkpoint saved" not in text
+    time.sleep(2)
+    assert slurm.job(job).restarts == 0 and slurm.job(job).state == "FAILED"
+    assert not (tmp_path / "ckpt" / ".periln-exit").exists()
 
 
 def test_hung_rank_times_out_and_ends_the_job(slurm, tmp_path):

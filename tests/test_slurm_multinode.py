@@ -182,7 +182,7 @@ def test_rendezvous_between_hosts(slurm_nodes, tmp_path):
 def test_preemption_of_two_nodes_resumes_exactly(slurm_nodes, tmp_path, tmp_path_factory):
     """USR1 to the batch shell on node01 (what --signal=B:USR1@300 does): the ranks on both nodes save,
     the job requeues itself, lands on both nodes again and resumes; every step's loss equals an
-    uninterrupted run's. (The single-node preemption test of test_slurm.py was merged into this one.)"""
+    uninterrupted run's. test_slurm.py's single-node version runs only where this one cannot."""
     job, log = submit(slurm_nodes, tmp_path, "preempt-2n")
     wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
     slurm_nodes._run(["scancel", "--signal=USR1", "--batch", job])
@@ -210,7 +210,7 @@ def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
     is gone. srun --kill-on-bad-exit ends the step at once (SIGCONT, SIGTERM, SIGKILL after KillWait):
     the job fails with the dead rank's status within a minute, is not requeued, and no process of it
     is left on either node. (With --kill-on-bad-exit=0 this job stays RUNNING: nothing ever wakes the
-    stopped rank.) test_slurm.py's single-node crashed-rank test was merged into this one."""
+    stopped rank.) test_slurm.py's single-node version runs only where this one cannot."""
     job, log = submit(slurm_nodes, tmp_path, "kill-2n", env={"TRAIN_STEPS": "500"})
     wait_for_log(slurm_nodes, job, log, r"^step 2/", timeout=180)
     victim, survivor = trainer_pid(slurm_nodes, job, 1), trainer_pid(slurm_nodes, job, 0)
@@ -234,6 +234,7 @@ def test_rank_killed_on_one_node_ends_the_job(slurm_nodes, tmp_path):
     while (left := [p for r in (0, 1) for p in slurm_nodes.step_processes(job, r)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, left
+    time.sleep(2)  # a requeue, were there one, would show by now
     assert slurm_nodes.job(job).restarts == 0 and slurm_nodes.job(job).state == "FAILED"
     assert not (tmp_path / "ckpt" / ".periln-exit").exists()
 

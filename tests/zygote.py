@@ -102,12 +102,13 @@ def _malloc_settings(env: dict) -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold))
 
 
-def _fork_python(argv: list[str], env: dict, cwd: str) -> int:
+def _fork_python(argv: list[str], env: dict, cwd: str, conn: socket.socket) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        conn.close()  # the job's line to its client: a rank must not hold it open after the job is gone
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -169,7 +170,7 @@ def _job(request: dict, conn: socket.socket) -> None:
                  "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": "0",
                  "TORCHELASTIC_MAX_RESTARTS": "0", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
                 for r in range(nproc)]
-    pids = [_fork_python(request["argv"], e, request["cwd"]) for e in envs]
+    pids = [_fork_python(request["argv"], e, request["cwd"], conn) for e in envs]
     conn.sendall((json.dumps(pids) + "\n").encode())
     codes = _wait(pids)
     status = codes[0] if nproc is None else (0 if all(c == 0 for c in codes) else 1)
