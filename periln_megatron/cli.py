@@ -24,14 +24,12 @@ def train_command() -> None:
     tearing torch's and megatron-core's module graph down, which takes ~2 s per rank after training
     (training/fork.py: exit_now; threads are joined, atexit handlers run, output flushed). An uncaught
     exception still ends the interpreter the usual way, with its traceback."""
-    from periln_megatron.training.fork import exit_now
+    from periln_megatron.training.fork import exit_now, exit_status
 
     try:
         code = train_main()
     except SystemExit as e:  # argparse: --help, or a usage error
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
+        code = exit_status(e)
     exit_now(code)
 
 

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from periln_megatron.distributed.runtime import LayoutError, ParallelLayout, check_layout, first_host, read_dist_env
+from periln_megatron.distributed.dist_env import first_host, read_dist_env
+from periln_megatron.distributed.layout import LayoutError, ParallelLayout, check_layout
 
 
 def test_torchrun_env_wins_over_slurm():
@@ -104,7 +105,7 @@ def test_tp_or_cp_runs_get_one_cuda_connection_unless_the_user_chose(monkeypatch
     """Megatron-LM asserts CUDA_DEVICE_MAX_CONNECTIONS=1 for TP or CP > 1 on Hopper; periln-launch
     (and the trainer itself, for bare torchrun/srun) sets it, and never overrides the user's value."""
     from periln_megatron.distributed.launch import trainer_environment
-    from periln_megatron.distributed.runtime import launch_environment
+    from periln_megatron.distributed.dist_env import launch_environment
 
     assert launch_environment(2, 1, {}) == launch_environment(1, 2, {}) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     assert launch_environment(1, 1, {}) == {}

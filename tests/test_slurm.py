@@ -122,11 +122,14 @@ def test_the_batch_scripts_recipe_check_does_not_import_torch():
 
     snippet = re.search(r"<<'PY' 2>&1\n(.*?)\nPY\n", (REPO / "slurm/common.sh").read_text(), re.S).group(1)
     code = snippet + "\nprint('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
-    r = subprocess.run([sys.executable, "-c", code, str(REPO / TINY), "parallel.tp=2"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "SLURM_NTASKS": "2", "PYTHONPATH": str(REPO)})
+
+    def check(layout: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(REPO / TINY), layout], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "SLURM_NTASKS": "2", "PYTHONPATH": str(REPO)})
+
+    r = check("parallel.tp=2")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "torch not loaded", r.stdout + r.stderr
-    bad = subprocess.run([sys.executable, "-c", code, str(REPO / TINY), "parallel.tp=3"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "SLURM_NTASKS": "2", "PYTHONPATH": str(REPO)})
+    bad = check("parallel.tp=3")
     assert bad.returncode == 2 and "parallel.tp" in bad.stdout, bad.stdout + bad.stderr
 
 

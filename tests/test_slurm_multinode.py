@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch import run_torchrun
-from periln_megatron.distributed.runtime import first_host
+from periln_megatron.distributed.dist_env import first_host
 from slurm_cluster import REPO, slurm_available
 from slurm_multinode import MultiNodeCluster, link_list, netns_list, netns_unavailable, remove_stale
 from slurm_multinode import slurm_nodes  # noqa: F401  (pytest fixture)

@@ -107,7 +107,7 @@ def decide(torchrun_status: int, statuses: list[tuple[int, int]]) -> tuple[int, 
 
 
 def trainer_environment(argv: list[str]) -> dict[str, str]:
-    """What the trainer's ranks need in their environment from the start (runtime.launch_environment),
+    """What the trainer's ranks need in their environment from the start (dist_env.launch_environment),
     read from the trainer's --recipe/--set in torchrun's argv; {} when there is no trainer or its
     recipe does not load (the trainer then reports the error)."""
     import argparse

@@ -11,10 +11,9 @@ import datetime
 import torch
 
 from periln_megatron.distributed import cpu_shims
-# the torch-free parts, importable from here as before (runtime.ParallelLayout, runtime.read_dist_env, ...)
-from periln_megatron.distributed.dist_env import (  # noqa: F401
-    SINGLE_PROCESS, DistEnv, first_host, launch_environment, read_dist_env)
-from periln_megatron.distributed.layout import LayoutError, ParallelLayout, check_layout  # noqa: F401
+# initialize()'s arguments, which its callers name as runtime.ParallelLayout and runtime.SINGLE_PROCESS
+from periln_megatron.distributed.dist_env import SINGLE_PROCESS, DistEnv, read_dist_env  # noqa: F401
+from periln_megatron.distributed.layout import ParallelLayout, check_layout
 
 
 class RendezvousError(RuntimeError):

@@ -61,12 +61,21 @@ def fork_training(argv: list[str], stdout: Path, stderr: Path | None = None, thr
 
         code = train_main(list(argv))
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 2
+        code = exit_status(e)
     except BaseException:  # noqa: BLE001 - the child must never return into its parent's code
         traceback.print_exc()
     finally:
         exit_now(code)
     return 0  # not reached
+
+
+def exit_status(e: SystemExit) -> int:
+    """The status a Python process ends with on SystemExit: its int code, 0 for None, else 1 after
+    printing the message to stderr (what sys.exit("...") does)."""
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
 
 
 def exit_now(code: int) -> None:
